@@ -49,6 +49,14 @@ class VmmStatus(_message.Message):
     migration_id: str
     def __init__(self, name: _Optional[str] = ..., state: _Optional[_Union[VmmStatus.State, str]] = ..., pid: _Optional[int] = ..., config: _Optional[_Union[_state_pb2.VmConfig, _Mapping]] = ..., detail: _Optional[str] = ..., exits: _Optional[int] = ..., uptime_s: _Optional[float] = ..., throttle_percent: _Optional[int] = ..., awaiting_commit: _Optional[bool] = ..., migration_id: _Optional[str] = ...) -> None: ...
 
+class RestoreRequest(_message.Message):
+    __slots__ = ("state", "migration_id")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
+    state: _state_pb2.VmState
+    migration_id: str
+    def __init__(self, state: _Optional[_Union[_state_pb2.VmState, _Mapping]] = ..., migration_id: _Optional[str] = ...) -> None: ...
+
 class PauseReply(_message.Message):
     __slots__ = ("pause_ms",)
     PAUSE_MS_FIELD_NUMBER: _ClassVar[int]

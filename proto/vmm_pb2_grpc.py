@@ -47,7 +47,7 @@ class VmmStub:
                 _registered_method=True)
         self.Restore = channel.unary_unary(
                 '/vmigrate.v1.Vmm/Restore',
-                request_serializer=vmigrate_dot_proto_dot_state__pb2.VmState.SerializeToString,
+                request_serializer=vmigrate_dot_proto_dot_vmm__pb2.RestoreRequest.SerializeToString,
                 response_deserializer=vmigrate_dot_proto_dot_vmm__pb2.VmmStatus.FromString,
                 _registered_method=True)
         self.Pause = channel.unary_unary(
@@ -191,7 +191,7 @@ def add_VmmServicer_to_server(servicer, server):
             ),
             'Restore': grpc.unary_unary_rpc_method_handler(
                     servicer.Restore,
-                    request_deserializer=vmigrate_dot_proto_dot_state__pb2.VmState.FromString,
+                    request_deserializer=vmigrate_dot_proto_dot_vmm__pb2.RestoreRequest.FromString,
                     response_serializer=vmigrate_dot_proto_dot_vmm__pb2.VmmStatus.SerializeToString,
             ),
             'Pause': grpc.unary_unary_rpc_method_handler(
@@ -319,7 +319,7 @@ class Vmm:
             request,
             target,
             '/vmigrate.v1.Vmm/Restore',
-            vmigrate_dot_proto_dot_state__pb2.VmState.SerializeToString,
+            vmigrate_dot_proto_dot_vmm__pb2.RestoreRequest.SerializeToString,
             vmigrate_dot_proto_dot_vmm__pb2.VmmStatus.FromString,
             options,
             channel_credentials,

@@ -9,6 +9,11 @@ PAGE_SIZE = 4096
 
 _HB = re.compile(r"HB n=(\d+) w=(\d+) errors=(\d+)(?: passes=(\d+))?")
 _CORRUPT = re.compile(r"CORRUPT page=\d+ expected=[0-9a-fA-F]+ found=[0-9a-fA-F]+.*")
+# Kernel or user-space crashes the guest kernel reports on its console.
+_CRASH = re.compile(
+    r"Kernel panic|BUG: |Oops: |general protection fault|invalid opcode|segfault at"
+    r"|traps: |workload exited with status [^0]"
+)
 
 
 @dataclass(frozen=True)
@@ -23,6 +28,7 @@ class Heartbeat:
 class ConsoleReport:
     heartbeats: list[Heartbeat] = field(default_factory=list)
     corrupt: list[str] = field(default_factory=list)  # the CORRUPT lines, verbatim
+    crashes: list[str] = field(default_factory=list)  # panic/Oops/segfault lines, verbatim
 
     @property
     def errors(self) -> int:
@@ -50,4 +56,6 @@ def parse_console(text: str) -> ConsoleReport:
             report.heartbeats.append(Heartbeat(int(n), int(w), int(e), int(p or 0)))
         elif m := _CORRUPT.search(line):
             report.corrupt.append(m.group(0).strip())
+        elif _CRASH.search(line):
+            report.crashes.append(line.strip())
     return report

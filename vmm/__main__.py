@@ -1,0 +1,3 @@
+from vmigrate.vmm.server import main
+
+main()

@@ -1,0 +1,213 @@
+"""Starting VMM processes and talking to them (used by the node agent)."""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from vmigrate.proto import state_pb2 as pb
+from vmigrate.proto import vmm_pb2, vmm_pb2_grpc
+from vmigrate.vmm.server import CONFIG_NAME, PID_NAME, SOCKET_NAME
+
+CALL_TIMEOUT_S = 30.0
+START_TIMEOUT_S = 30.0
+STDERR_NAME = "vmm.err"
+
+
+class VmmError(Exception):
+    """A VMM could not be started or refused a request; one line for the user."""
+
+
+def _one_line(e: grpc.RpcError, what: str) -> VmmError:
+    code = e.code() if hasattr(e, "code") else None
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return VmmError(f"{what}: the VMM process is not running")
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return VmmError(f"{what}: the VMM did not answer in time")
+    details = e.details() if hasattr(e, "details") else str(e)
+    return VmmError(f"{what}: {details}")
+
+
+class VmmClient:
+    def __init__(self, vm_dir: Path) -> None:
+        self.dir = vm_dir
+        self.channel = grpc.insecure_channel(
+            f"unix:{vm_dir / SOCKET_NAME}",
+            options=[("grpc.max_receive_message_length", 64 << 20),
+                     ("grpc.max_send_message_length", 64 << 20)])
+        self.stub = vmm_pb2_grpc.VmmStub(self.channel)
+
+    def _call(self, what: str, method: str, request: object,
+              timeout: float = CALL_TIMEOUT_S) -> object:
+        try:
+            return getattr(self.stub, method)(request, timeout=timeout)
+        except grpc.RpcError as e:
+            raise _one_line(e, what) from None
+
+    def status(self, timeout: float = CALL_TIMEOUT_S) -> vmm_pb2.VmmStatus:
+        return self._call("status", "Status", vmm_pb2.Empty(), timeout)
+
+    def boot(self) -> vmm_pb2.VmmStatus:
+        return self._call("boot", "Boot", vmm_pb2.Empty())
+
+    def restore(self, state: pb.VmState, migration_id: str = "") -> vmm_pb2.VmmStatus:
+        return self._call("restore", "Restore",
+                          vmm_pb2.RestoreRequest(state=state, migration_id=migration_id))
+
+    def pause(self) -> float:
+        return self._call("pause", "Pause", vmm_pb2.Empty()).pause_ms
+
+    def resume(self) -> vmm_pb2.VmmStatus:
+        return self._call("resume", "Resume", vmm_pb2.Empty())
+
+    def save(self) -> pb.VmState:
+        return self._call("save", "Save", vmm_pb2.Empty())
+
+    def memory(self) -> vmm_pb2.MemoryInfo:
+        return self._call("memory", "Memory", vmm_pb2.Empty())
+
+    def dirty_log(self, op: int) -> vmm_pb2.DirtyLogReply:
+        return self._call("dirty log", "DirtyLog", vmm_pb2.DirtyLogRequest(op=op))
+
+    def start_dirty_log(self) -> None:
+        self.dirty_log(vmm_pb2.DirtyLogRequest.START)
+
+    def fetch_dirty_log(self) -> np.ndarray:
+        """Pages dirtied since the last fetch: a uint64 bitmap over the memory file."""
+        reply = self.dirty_log(vmm_pb2.DirtyLogRequest.FETCH)
+        return np.frombuffer(reply.bitmap, dtype=np.uint64)
+
+    def stop_dirty_log(self) -> None:
+        self.dirty_log(vmm_pb2.DirtyLogRequest.STOP)
+
+    def set_throttle(self, percent: int) -> None:
+        self._call("throttle", "SetThrottle", vmm_pb2.ThrottleRequest(percent=percent))
+
+    def console_read(self, follow: bool = False, tail_bytes: int = 0,
+                     timeout: float | None = None) -> Iterator[bytes]:
+        try:
+            for chunk in self.stub.ConsoleRead(
+                    vmm_pb2.ConsoleReadRequest(follow=follow, tail_bytes=tail_bytes),
+                    timeout=timeout):
+                yield chunk.data
+        except grpc.RpcError as e:
+            if e.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED):
+                return
+            raise _one_line(e, "console") from None
+
+    def console_write(self, data: bytes) -> None:
+        self._call("console", "ConsoleWrite", vmm_pb2.ConsoleData(data=data))
+
+    def shutdown(self, reason: str = "stopped") -> None:
+        with contextlib.suppress(VmmError):
+            self._call("shutdown", "Shutdown", vmm_pb2.ShutdownRequest(reason=reason), 10)
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+def read_pid(vm_dir: Path) -> int | None:
+    try:
+        return int((vm_dir / PID_NAME).read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie is not alive
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def spawn_vmm(vm_dir: Path, config: pb.VmConfig, memory_file: str | None = None,
+              timeout: float = START_TIMEOUT_S) -> tuple[subprocess.Popen, VmmClient]:
+    """Start a VMM process for `config` in `vm_dir` and wait until it answers."""
+    vm_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    (vm_dir / CONFIG_NAME).write_bytes(config.SerializeToString())
+    argv = [sys.executable, "-m", "vmigrate.vmm", "--dir", str(vm_dir)]
+    if memory_file:
+        argv += ["--memory-file", memory_file]
+    err_path = vm_dir / STDERR_NAME
+    with open(err_path, "wb") as err:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=err, start_new_session=True, close_fds=True)
+    client = VmmClient(vm_dir)
+    deadline = time.monotonic() + timeout
+    while True:
+        rc = proc.poll()
+        if rc is not None:
+            client.close()
+            msg = _last_line(err_path) or f"exited with status {rc}"
+            raise VmmError(msg.removeprefix("vmm: "))
+        if (vm_dir / SOCKET_NAME).exists():
+            try:
+                client.status(timeout=2)
+                return proc, client
+            except VmmError:
+                pass
+        if time.monotonic() > deadline:
+            kill_vmm(proc.pid)
+            client.close()
+            raise VmmError(f"the VMM did not start within {timeout:.0f} s")
+        time.sleep(0.02)
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    return lines[-1] if lines else ""
+
+
+def kill_vmm(pid: int, grace_s: float = 3.0) -> None:
+    """SIGTERM, then SIGKILL after a grace period."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        if not pid_alive(pid):
+            return
+        time.sleep(0.02)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+class MappedMemory:
+    """A VMM's guest memory, mapped into this process through its /proc path."""
+
+    def __init__(self, info: vmm_pb2.MemoryInfo, writable: bool = False) -> None:
+        self.size = info.size
+        self.layout = info.layout
+        flags = os.O_RDWR if writable else os.O_RDONLY
+        try:
+            self.fd = os.open(info.path, flags | os.O_CLOEXEC)
+        except OSError as e:
+            raise VmmError(f"cannot open guest memory {info.path}: {e.strerror}") from None
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+        self.map = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED, prot)
+
+    def close(self) -> None:
+        with contextlib.suppress(BufferError):
+            self.map.close()
+        with contextlib.suppress(OSError):
+            os.close(self.fd)

@@ -1,0 +1,257 @@
+"""The VMM process: one guest, controlled over a unix socket.
+
+    python -m vmigrate.vmm --dir DIR
+
+DIR (made by whoever spawns us, normally the node agent) holds config.pb (a
+VmConfig), and receives vmm.sock (the control socket, see proto/vmm.proto),
+vmm.pid and console.log. The process lives until Shutdown, SIGTERM or SIGINT;
+a guest that stops by itself leaves the process up so its console and state
+can still be read. Startup errors are one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from vmigrate.proto import state_pb2 as pb
+from vmigrate.proto import vmm_pb2, vmm_pb2_grpc
+from vmigrate.vmm import kvm
+from vmigrate.vmm.console import Console
+from vmigrate.vmm.machine import Machine, MachineError, MachineState, install_kick_handler
+from vmigrate.vmm.memory import Region
+
+SOCKET_NAME = "vmm.sock"
+PID_NAME = "vmm.pid"
+CONFIG_NAME = "config.pb"
+CONSOLE_NAME = "console.log"
+
+_STATES = {
+    MachineState.CREATED: vmm_pb2.VmmStatus.CREATED,
+    MachineState.RUNNING: vmm_pb2.VmmStatus.RUNNING,
+    MachineState.PAUSED: vmm_pb2.VmmStatus.PAUSED,
+    MachineState.STOPPED: vmm_pb2.VmmStatus.STOPPED,
+    MachineState.CRASHED: vmm_pb2.VmmStatus.CRASHED,
+}
+
+
+def test_guest_params(config: pb.VmConfig) -> object:
+    from vmigrate.vmm.testguest.layout import TestGuestParams
+
+    tg = config.test_guest
+    return TestGuestParams(
+        memory_bytes=config.memory_bytes, vcpus=config.vcpu_count,
+        working_set_bytes=tg.working_set_bytes, dirty_rate_bytes_per_s=tg.dirty_rate_bytes_per_s,
+        timer_hz=tg.timer_hz or 250, heartbeat_ms=tg.heartbeat_ms or 1000,
+        verify_bytes_per_s=tg.verify_bytes_per_s)
+
+
+class VmmService(vmm_pb2_grpc.VmmServicer):
+    def __init__(self, machine: Machine, done: threading.Event) -> None:
+        self.m = machine
+        self.done = done
+        self.awaiting_commit = False
+        self.migration_id = ""
+
+    def _status(self) -> vmm_pb2.VmmStatus:
+        m = self.m
+        uptime = m.run_seconds + (time.monotonic() - m._run_started
+                                  if m.state == MachineState.RUNNING else 0.0)
+        return vmm_pb2.VmmStatus(
+            name=m.config.name, state=_STATES[m.state], pid=os.getpid(), config=m.config,
+            detail=m.detail, exits=m.exits, uptime_s=uptime, throttle_percent=m.throttle_percent,
+            awaiting_commit=self.awaiting_commit, migration_id=self.migration_id)
+
+    def _fail(self, context: grpc.ServicerContext, e: Exception,
+              code: grpc.StatusCode = grpc.StatusCode.FAILED_PRECONDITION) -> None:
+        context.abort(code, str(e))
+
+    def Status(self, request: vmm_pb2.Empty, context: grpc.ServicerContext) -> vmm_pb2.VmmStatus:
+        return self._status()
+
+    def Boot(self, request: vmm_pb2.Empty, context: grpc.ServicerContext) -> vmm_pb2.VmmStatus:
+        try:
+            kind = self.m.config.WhichOneof("guest")
+            if kind == "test_guest":
+                self.m.boot_test_guest(test_guest_params(self.m.config))
+            elif kind == "linux":
+                from vmigrate.vmm.boot import linux_loader
+
+                self.m.boot_with(linux_loader(self.m.config.linux))
+            else:
+                raise MachineError("the VM config names no guest to boot")
+        except (MachineError, ValueError, OSError) as e:
+            self._fail(context, e)
+        return self._status()
+
+    def Restore(self, request: vmm_pb2.RestoreRequest,
+                context: grpc.ServicerContext) -> vmm_pb2.VmmStatus:
+        try:
+            self.m.restore(request.state)
+        except (MachineError, ValueError) as e:
+            self._fail(context, e)
+        self.migration_id = request.migration_id
+        self.awaiting_commit = bool(request.migration_id)
+        return self._status()
+
+    def Pause(self, request: vmm_pb2.Empty, context: grpc.ServicerContext) -> vmm_pb2.PauseReply:
+        try:
+            return vmm_pb2.PauseReply(pause_ms=self.m.pause())
+        except MachineError as e:
+            self._fail(context, e)
+            raise
+
+    def Resume(self, request: vmm_pb2.Empty, context: grpc.ServicerContext) -> vmm_pb2.VmmStatus:
+        try:
+            self.m.resume()
+        except MachineError as e:
+            self._fail(context, e)
+        self.awaiting_commit = False
+        return self._status()
+
+    def Save(self, request: vmm_pb2.Empty, context: grpc.ServicerContext) -> pb.VmState:
+        try:
+            return self.m.save()
+        except (MachineError, OSError) as e:
+            self._fail(context, e)
+            raise
+
+    def Memory(self, request: vmm_pb2.Empty, context: grpc.ServicerContext) -> vmm_pb2.MemoryInfo:
+        mem = self.m.memory
+        layout = pb.MemoryLayout(page_size=4096, regions=[
+            pb.MemoryRegion(guest_phys_addr=r.guest_phys_addr, size=r.size,
+                            file_offset=r.file_offset) for r in mem.regions])
+        return vmm_pb2.MemoryInfo(path=mem.proc_path(), size=mem.size, layout=layout)
+
+    def DirtyLog(self, request: vmm_pb2.DirtyLogRequest,
+                 context: grpc.ServicerContext) -> vmm_pb2.DirtyLogReply:
+        mem = self.m.memory
+        op = request.op
+        try:
+            if op == vmm_pb2.DirtyLogRequest.START:
+                mem.set_dirty_logging(True)
+                return vmm_pb2.DirtyLogReply()
+            if op == vmm_pb2.DirtyLogRequest.STOP:
+                mem.set_dirty_logging(False)
+                return vmm_pb2.DirtyLogReply()
+            if op == vmm_pb2.DirtyLogRequest.FETCH:
+                if not mem.dirty_logging:
+                    raise MachineError("dirty logging is not on")
+                t0 = time.perf_counter()
+                bitmap = mem.fetch_dirty_bitmap()
+                ms = (time.perf_counter() - t0) * 1000
+                count = int(np.unpackbits(bitmap.view(np.uint8)).sum())
+                return vmm_pb2.DirtyLogReply(bitmap=bitmap.tobytes(), dirty_pages=count,
+                                             fetch_ms=ms)
+        except (OSError, MachineError) as e:
+            self._fail(context, e)
+        self._fail(context, ValueError("unknown dirty log operation"),
+                   grpc.StatusCode.INVALID_ARGUMENT)
+        raise AssertionError
+
+    def SetThrottle(self, request: vmm_pb2.ThrottleRequest,
+                    context: grpc.ServicerContext) -> vmm_pb2.Empty:
+        self.m.set_throttle(request.percent)
+        return vmm_pb2.Empty()
+
+    def ConsoleRead(self, request: vmm_pb2.ConsoleReadRequest,
+                    context: grpc.ServicerContext) -> Iterator[vmm_pb2.ConsoleData]:
+        console = self.m.console
+        offset = max(0, console.end - request.tail_bytes) if request.tail_bytes else 0
+        data, offset = console.read(offset)
+        if data:
+            yield vmm_pb2.ConsoleData(data=data)
+        while request.follow and context.is_active() and not self.done.is_set():
+            if console.wait(offset, 0.5):
+                data, offset = console.read(offset)
+                if data:
+                    yield vmm_pb2.ConsoleData(data=data)
+
+    def ConsoleWrite(self, request: vmm_pb2.ConsoleData,
+                     context: grpc.ServicerContext) -> vmm_pb2.Empty:
+        self.m.uart.receive(request.data)
+        return vmm_pb2.Empty()
+
+    def Shutdown(self, request: vmm_pb2.ShutdownRequest,
+                 context: grpc.ServicerContext) -> vmm_pb2.Empty:
+        self.m.stop(request.reason or "stopped")
+        self.done.set()
+        return vmm_pb2.Empty()
+
+
+def _die(msg: str) -> None:
+    print(f"vmm: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def serve(vm_dir: Path, memory_file: str | None = None) -> None:
+    install_kick_handler()
+    try:
+        config = pb.VmConfig.FromString((vm_dir / CONFIG_NAME).read_bytes())
+    except (OSError, ValueError) as e:
+        _die(f"cannot read {vm_dir / CONFIG_NAME}: {e}")
+    memory_fd = None
+    regions = None
+    if memory_file:
+        try:
+            memory_fd = os.open(memory_file, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as e:
+            _die(f"cannot open memory file {memory_file}: {e.strerror}")
+    console = Console(vm_dir / CONSOLE_NAME)
+    try:
+        machine = Machine(config, console=console, memory_fd=memory_fd, regions=regions)
+    except (MachineError, kvm.KvmError, ValueError) as e:
+        _die(str(e))
+    except OSError as e:
+        _die(f"cannot create the VM: {e.strerror or e}")
+
+    done = threading.Event()
+    service = VmmService(machine, done)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="ctl"),
+                         options=[("grpc.max_receive_message_length", 64 << 20),
+                                  ("grpc.max_send_message_length", 64 << 20)])
+    vmm_pb2_grpc.add_VmmServicer_to_server(service, server)
+    sock = vm_dir / SOCKET_NAME
+    with contextlib.suppress(FileNotFoundError):
+        sock.unlink()
+    server.add_insecure_port(f"unix:{sock}")
+    server.start()
+    os.chmod(sock, 0o600)
+    (vm_dir / PID_NAME).write_text(f"{os.getpid()}\n")
+
+    def on_signal(_sig: int, _frame: object) -> None:
+        done.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        while not done.wait(0.5):
+            pass
+    finally:
+        machine.stop("VMM shut down")
+        server.stop(grace=0.5).wait(2)
+        console.close()
+        machine.close()
+        for name in (SOCKET_NAME, PID_NAME):
+            with contextlib.suppress(FileNotFoundError):
+                (vm_dir / name).unlink()
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m vmigrate.vmm", description=__doc__)
+    ap.add_argument("--dir", required=True, type=Path, help="the guest's directory")
+    ap.add_argument("--memory-file", help="map this memory file instead of a fresh memfd "
+                                          "(same-host upgrade: the old VMM's memory)")
+    opts = ap.parse_args(argv)
+    serve(opts.dir, opts.memory_file)
