@@ -36,62 +36,67 @@ class VmmStub:
             channel: A grpc.Channel.
         """
         self.Status = channel.unary_unary(
-                '/vmigrate.v1.Vmm/Status',
+                '/vmigrate.vmm.v1.Vmm/Status',
                 request_serializer=vmigrate_dot_proto_dot_vmm__pb2.Empty.SerializeToString,
                 response_deserializer=vmigrate_dot_proto_dot_vmm__pb2.VmmStatus.FromString,
                 _registered_method=True)
         self.Boot = channel.unary_unary(
-                '/vmigrate.v1.Vmm/Boot',
+                '/vmigrate.vmm.v1.Vmm/Boot',
                 request_serializer=vmigrate_dot_proto_dot_vmm__pb2.Empty.SerializeToString,
                 response_deserializer=vmigrate_dot_proto_dot_vmm__pb2.VmmStatus.FromString,
                 _registered_method=True)
         self.Restore = channel.unary_unary(
-                '/vmigrate.v1.Vmm/Restore',
+                '/vmigrate.vmm.v1.Vmm/Restore',
                 request_serializer=vmigrate_dot_proto_dot_vmm__pb2.RestoreRequest.SerializeToString,
                 response_deserializer=vmigrate_dot_proto_dot_vmm__pb2.VmmStatus.FromString,
                 _registered_method=True)
         self.Pause = channel.unary_unary(
-                '/vmigrate.v1.Vmm/Pause',
+                '/vmigrate.vmm.v1.Vmm/Pause',
                 request_serializer=vmigrate_dot_proto_dot_vmm__pb2.Empty.SerializeToString,
                 response_deserializer=vmigrate_dot_proto_dot_vmm__pb2.PauseReply.FromString,
                 _registered_method=True)
         self.Resume = channel.unary_unary(
-                '/vmigrate.v1.Vmm/Resume',
+                '/vmigrate.vmm.v1.Vmm/Resume',
                 request_serializer=vmigrate_dot_proto_dot_vmm__pb2.Empty.SerializeToString,
                 response_deserializer=vmigrate_dot_proto_dot_vmm__pb2.VmmStatus.FromString,
                 _registered_method=True)
         self.Save = channel.unary_unary(
-                '/vmigrate.v1.Vmm/Save',
+                '/vmigrate.vmm.v1.Vmm/Save',
                 request_serializer=vmigrate_dot_proto_dot_vmm__pb2.Empty.SerializeToString,
                 response_deserializer=vmigrate_dot_proto_dot_state__pb2.VmState.FromString,
                 _registered_method=True)
         self.Memory = channel.unary_unary(
-                '/vmigrate.v1.Vmm/Memory',
+                '/vmigrate.vmm.v1.Vmm/Memory',
                 request_serializer=vmigrate_dot_proto_dot_vmm__pb2.Empty.SerializeToString,
                 response_deserializer=vmigrate_dot_proto_dot_vmm__pb2.MemoryInfo.FromString,
                 _registered_method=True)
         self.DirtyLog = channel.unary_unary(
-                '/vmigrate.v1.Vmm/DirtyLog',
+                '/vmigrate.vmm.v1.Vmm/DirtyLog',
                 request_serializer=vmigrate_dot_proto_dot_vmm__pb2.DirtyLogRequest.SerializeToString,
                 response_deserializer=vmigrate_dot_proto_dot_vmm__pb2.DirtyLogReply.FromString,
                 _registered_method=True)
         self.SetThrottle = channel.unary_unary(
-                '/vmigrate.v1.Vmm/SetThrottle',
+                '/vmigrate.vmm.v1.Vmm/SetThrottle',
                 request_serializer=vmigrate_dot_proto_dot_vmm__pb2.ThrottleRequest.SerializeToString,
                 response_deserializer=vmigrate_dot_proto_dot_vmm__pb2.Empty.FromString,
                 _registered_method=True)
         self.ConsoleRead = channel.unary_stream(
-                '/vmigrate.v1.Vmm/ConsoleRead',
+                '/vmigrate.vmm.v1.Vmm/ConsoleRead',
                 request_serializer=vmigrate_dot_proto_dot_vmm__pb2.ConsoleReadRequest.SerializeToString,
                 response_deserializer=vmigrate_dot_proto_dot_vmm__pb2.ConsoleData.FromString,
                 _registered_method=True)
         self.ConsoleWrite = channel.unary_unary(
-                '/vmigrate.v1.Vmm/ConsoleWrite',
+                '/vmigrate.vmm.v1.Vmm/ConsoleWrite',
+                request_serializer=vmigrate_dot_proto_dot_vmm__pb2.ConsoleData.SerializeToString,
+                response_deserializer=vmigrate_dot_proto_dot_vmm__pb2.Empty.FromString,
+                _registered_method=True)
+        self.SeedConsole = channel.unary_unary(
+                '/vmigrate.vmm.v1.Vmm/SeedConsole',
                 request_serializer=vmigrate_dot_proto_dot_vmm__pb2.ConsoleData.SerializeToString,
                 response_deserializer=vmigrate_dot_proto_dot_vmm__pb2.Empty.FromString,
                 _registered_method=True)
         self.Shutdown = channel.unary_unary(
-                '/vmigrate.v1.Vmm/Shutdown',
+                '/vmigrate.vmm.v1.Vmm/Shutdown',
                 request_serializer=vmigrate_dot_proto_dot_vmm__pb2.ShutdownRequest.SerializeToString,
                 response_deserializer=vmigrate_dot_proto_dot_vmm__pb2.Empty.FromString,
                 _registered_method=True)
@@ -169,6 +174,14 @@ class VmmServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SeedConsole(self, request, context):
+        """Console history that came with the guest (a migration), placed before
+        anything this VMM's guest printed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Shutdown(self, request, context):
         """Stop the guest and exit the process.
         """
@@ -234,6 +247,11 @@ def add_VmmServicer_to_server(servicer, server):
                     request_deserializer=vmigrate_dot_proto_dot_vmm__pb2.ConsoleData.FromString,
                     response_serializer=vmigrate_dot_proto_dot_vmm__pb2.Empty.SerializeToString,
             ),
+            'SeedConsole': grpc.unary_unary_rpc_method_handler(
+                    servicer.SeedConsole,
+                    request_deserializer=vmigrate_dot_proto_dot_vmm__pb2.ConsoleData.FromString,
+                    response_serializer=vmigrate_dot_proto_dot_vmm__pb2.Empty.SerializeToString,
+            ),
             'Shutdown': grpc.unary_unary_rpc_method_handler(
                     servicer.Shutdown,
                     request_deserializer=vmigrate_dot_proto_dot_vmm__pb2.ShutdownRequest.FromString,
@@ -241,9 +259,9 @@ def add_VmmServicer_to_server(servicer, server):
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'vmigrate.v1.Vmm', rpc_method_handlers)
+            'vmigrate.vmm.v1.Vmm', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('vmigrate.v1.Vmm', rpc_method_handlers)
+    server.add_registered_method_handlers('vmigrate.vmm.v1.Vmm', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
@@ -264,7 +282,7 @@ class Vmm:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/vmigrate.v1.Vmm/Status',
+            '/vmigrate.vmm.v1.Vmm/Status',
             vmigrate_dot_proto_dot_vmm__pb2.Empty.SerializeToString,
             vmigrate_dot_proto_dot_vmm__pb2.VmmStatus.FromString,
             options,
@@ -291,7 +309,7 @@ class Vmm:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/vmigrate.v1.Vmm/Boot',
+            '/vmigrate.vmm.v1.Vmm/Boot',
             vmigrate_dot_proto_dot_vmm__pb2.Empty.SerializeToString,
             vmigrate_dot_proto_dot_vmm__pb2.VmmStatus.FromString,
             options,
@@ -318,7 +336,7 @@ class Vmm:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/vmigrate.v1.Vmm/Restore',
+            '/vmigrate.vmm.v1.Vmm/Restore',
             vmigrate_dot_proto_dot_vmm__pb2.RestoreRequest.SerializeToString,
             vmigrate_dot_proto_dot_vmm__pb2.VmmStatus.FromString,
             options,
@@ -345,7 +363,7 @@ class Vmm:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/vmigrate.v1.Vmm/Pause',
+            '/vmigrate.vmm.v1.Vmm/Pause',
             vmigrate_dot_proto_dot_vmm__pb2.Empty.SerializeToString,
             vmigrate_dot_proto_dot_vmm__pb2.PauseReply.FromString,
             options,
@@ -372,7 +390,7 @@ class Vmm:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/vmigrate.v1.Vmm/Resume',
+            '/vmigrate.vmm.v1.Vmm/Resume',
             vmigrate_dot_proto_dot_vmm__pb2.Empty.SerializeToString,
             vmigrate_dot_proto_dot_vmm__pb2.VmmStatus.FromString,
             options,
@@ -399,7 +417,7 @@ class Vmm:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/vmigrate.v1.Vmm/Save',
+            '/vmigrate.vmm.v1.Vmm/Save',
             vmigrate_dot_proto_dot_vmm__pb2.Empty.SerializeToString,
             vmigrate_dot_proto_dot_state__pb2.VmState.FromString,
             options,
@@ -426,7 +444,7 @@ class Vmm:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/vmigrate.v1.Vmm/Memory',
+            '/vmigrate.vmm.v1.Vmm/Memory',
             vmigrate_dot_proto_dot_vmm__pb2.Empty.SerializeToString,
             vmigrate_dot_proto_dot_vmm__pb2.MemoryInfo.FromString,
             options,
@@ -453,7 +471,7 @@ class Vmm:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/vmigrate.v1.Vmm/DirtyLog',
+            '/vmigrate.vmm.v1.Vmm/DirtyLog',
             vmigrate_dot_proto_dot_vmm__pb2.DirtyLogRequest.SerializeToString,
             vmigrate_dot_proto_dot_vmm__pb2.DirtyLogReply.FromString,
             options,
@@ -480,7 +498,7 @@ class Vmm:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/vmigrate.v1.Vmm/SetThrottle',
+            '/vmigrate.vmm.v1.Vmm/SetThrottle',
             vmigrate_dot_proto_dot_vmm__pb2.ThrottleRequest.SerializeToString,
             vmigrate_dot_proto_dot_vmm__pb2.Empty.FromString,
             options,
@@ -507,7 +525,7 @@ class Vmm:
         return grpc.experimental.unary_stream(
             request,
             target,
-            '/vmigrate.v1.Vmm/ConsoleRead',
+            '/vmigrate.vmm.v1.Vmm/ConsoleRead',
             vmigrate_dot_proto_dot_vmm__pb2.ConsoleReadRequest.SerializeToString,
             vmigrate_dot_proto_dot_vmm__pb2.ConsoleData.FromString,
             options,
@@ -534,7 +552,34 @@ class Vmm:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/vmigrate.v1.Vmm/ConsoleWrite',
+            '/vmigrate.vmm.v1.Vmm/ConsoleWrite',
+            vmigrate_dot_proto_dot_vmm__pb2.ConsoleData.SerializeToString,
+            vmigrate_dot_proto_dot_vmm__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SeedConsole(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vmigrate.vmm.v1.Vmm/SeedConsole',
             vmigrate_dot_proto_dot_vmm__pb2.ConsoleData.SerializeToString,
             vmigrate_dot_proto_dot_vmm__pb2.Empty.FromString,
             options,
@@ -561,7 +606,7 @@ class Vmm:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/vmigrate.v1.Vmm/Shutdown',
+            '/vmigrate.vmm.v1.Vmm/Shutdown',
             vmigrate_dot_proto_dot_vmm__pb2.ShutdownRequest.SerializeToString,
             vmigrate_dot_proto_dot_vmm__pb2.Empty.FromString,
             options,

@@ -108,6 +108,9 @@ class VmmClient:
     def console_write(self, data: bytes) -> None:
         self._call("console", "ConsoleWrite", vmm_pb2.ConsoleData(data=data))
 
+    def seed_console(self, data: bytes) -> None:
+        self._call("console", "SeedConsole", vmm_pb2.ConsoleData(data=data))
+
     def shutdown(self, reason: str = "stopped") -> None:
         with contextlib.suppress(VmmError):
             self._call("shutdown", "Shutdown", vmm_pb2.ShutdownRequest(reason=reason), 10)

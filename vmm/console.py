@@ -20,6 +20,11 @@ class Console:
         self._start = 0               # absolute offset of _buf[0]
         self._limit = history_bytes
         self._closed = False
+        if log_path is not None and log_path.exists():
+            # History that came with the guest (a checkpoint, a migration).
+            with open(log_path, "rb") as f:
+                f.seek(max(0, log_path.stat().st_size - history_bytes))
+                self._buf += f.read()
         self._log = open(log_path, "ab", buffering=0) if log_path else None  # noqa: SIM115
 
     @property
@@ -40,6 +45,15 @@ class Console:
                 self._log.write(data)
             except OSError:
                 self._log = None      # a full disk must not stop the guest
+
+    def seed(self, history: bytes) -> None:
+        """Put `history` before everything written so far (offsets shift)."""
+        with self._cond:
+            self._buf[:0] = history
+            if len(self._buf) > self._limit:
+                drop = len(self._buf) - self._limit
+                del self._buf[:drop]
+            self._cond.notify_all()
 
     def read(self, offset: int) -> tuple[bytes, int]:
         """Bytes from `offset` (clamped to what is kept) and the new offset."""

@@ -475,7 +475,11 @@ class Kvm:
         except PermissionError:
             raise KvmUnavailable(
                 f"no permission to open {path}: run as root or join the 'kvm' group") from None
-        version = ioctl_int(self.fd, KVM_GET_API_VERSION)
+        try:
+            version = ioctl_int(self.fd, KVM_GET_API_VERSION)
+        except OSError:
+            os.close(self.fd)
+            raise KvmUnavailable(f"{path} is not a KVM device") from None
         if version != 12:
             raise KvmUnavailable(f"{path} speaks KVM API version {version}, expected 12")
         self.vcpu_mmap_size = ioctl_int(self.fd, KVM_GET_VCPU_MMAP_SIZE)

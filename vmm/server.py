@@ -30,7 +30,6 @@ from vmigrate.proto import vmm_pb2, vmm_pb2_grpc
 from vmigrate.vmm import kvm
 from vmigrate.vmm.console import Console
 from vmigrate.vmm.machine import Machine, MachineError, MachineState, install_kick_handler
-from vmigrate.vmm.memory import Region
 
 SOCKET_NAME = "vmm.sock"
 PID_NAME = "vmm.pid"
@@ -181,6 +180,11 @@ class VmmService(vmm_pb2_grpc.VmmServicer):
     def ConsoleWrite(self, request: vmm_pb2.ConsoleData,
                      context: grpc.ServicerContext) -> vmm_pb2.Empty:
         self.m.uart.receive(request.data)
+        return vmm_pb2.Empty()
+
+    def SeedConsole(self, request: vmm_pb2.ConsoleData,
+                    context: grpc.ServicerContext) -> vmm_pb2.Empty:
+        self.m.console.seed(request.data)
         return vmm_pb2.Empty()
 
     def Shutdown(self, request: vmm_pb2.ShutdownRequest,

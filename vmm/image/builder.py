@@ -191,7 +191,7 @@ def _disk_errors(where: Path) -> Iterator[None]:
 
 def resolve_kernel_package(meta: str = KERNEL_META_PACKAGE) -> str:
     """The versioned kernel package (linux-image-X.Y.Z-N-cloud-amd64) a metapackage names."""
-    out = _run(["apt-cache", "depends", meta], f"apt-cache depends {meta}")
+    out = _run(["apt-cache", "depends", meta], f"apt-cache depends {meta} (apt-get update needed?)")
     for line in out.splitlines():
         m = re.match(r"\s*\|?Depends:\s*(linux-image-\S+)", line)
         if m and not m.group(1).endswith("-dbg"):

@@ -15,7 +15,7 @@
  * K/M/G suffix (powers of 1024):
  *   ws=SIZE       working set (default 64M; 0 = heartbeats only)
  *   rate=SIZE     bytes rewritten per second (default 0 = idle)
- *   verify=SIZE   bytes verified per second (default 1G; 0 = as fast as possible)
+ *   verify=SIZE   bytes verified per second (default 256M; 0 = as fast as possible)
  *   duration=S    exit after S seconds (default 0 = run forever)
  *   corrupt=S     debug: after S seconds flip one byte of one page, once
  *   corrupt_page=N  the page the debug flip hits (default: the middle one)
@@ -108,7 +108,7 @@ static int parse_size(const char *s, ull *out)
 
 int main(int argc, char **argv)
 {
-    ull ws = 64ull << 20, rate = 0, verify = 1ull << 30, duration = 0;
+    ull ws = 64ull << 20, rate = 0, verify = 256ull << 20, duration = 0;
     ull corrupt_after = 0, corrupt_page = ~0ull;
     int corrupt_armed = 0;
 
@@ -218,7 +218,7 @@ int main(int argc, char **argv)
             return errors ? 1 : 0;
         }
 
-        /* Nothing due: sleep until the next page is due (at most 10 ms). */
+        /* Nothing due: sleep until the next page is due, 1 to 10 ms (fewer wake-ups). */
         if (write_credit < 1.0 && (!npages || (verify != 0 && verify_credit < 1.0))) {
             double wait = next_hb - now;
             if (write_pps > 0 && (1.0 - write_credit) / write_pps < wait)
@@ -227,10 +227,10 @@ int main(int argc, char **argv)
                 wait = (1.0 - verify_credit) / verify_pps;
             if (wait > 0.01)
                 wait = 0.01;
-            if (wait > 0) {
-                struct timespec ts = {0, (long)(wait * 1e9)};
-                nanosleep(&ts, NULL);
-            }
+            if (wait < 0.001)
+                wait = 0.001;
+            struct timespec ts = {0, (long)(wait * 1e9)};
+            nanosleep(&ts, NULL);
         }
     }
 }

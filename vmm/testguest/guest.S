@@ -71,6 +71,7 @@
         .set P_LAPIC_COUNT,     0x48    /* LAPIC timer initial count (divide by 1) */
         .set P_KVMCLOCK,        0x50    /* 1: enable kvmclock and report ns */
         .set P_TIMER_PIN,       0x58    /* IOAPIC pin of the PIT */
+        .set P_PROBE_SYSCALL,   0x60    /* 1: only probe whether CPL3 syscall works */
 
 /* shared page */
         .set S_LOCK,            0x00
@@ -108,6 +109,11 @@
         .set IOAPIC_BASE,       0xfec00000
         .set COM1,              0x3f8
         .set PANIC_PORT,        0x501
+        .set PROBE_PORT,        0x502
+        .set MSR_EFER,          0xc0000080
+        .set MSR_STAR,          0xc0000081
+        .set MSR_LSTAR,         0xc0000082
+        .set MSR_FMASK,         0xc0000084
         .set MSR_KVM_SYSTEM_TIME_NEW, 0x4b564d01
         .set VEC_TIMER,         0x20
         .set VEC_UART,          0x24
@@ -150,16 +156,57 @@ kernel_entry:                           /* rdi = cpu, rsp = kernel stack top */
         shr     rdx, 32
         mov     ecx, MSR_KVM_SYSTEM_TIME_NEW
         wrmsr
-4:      push    USER_DS                                        /* drop to CPL3 */
+4:      mov     rdx, offset user_main
+        cmp     qword ptr [PARAMS + P_PROBE_SYSCALL], 0
+        je      5f
+        call    setup_syscall
+        mov     rdx, offset probe_user
+5:      push    USER_DS                                        /* drop to CPL3 */
         lea     rax, [rbx + USTACK_TOP]
         push    rax
         push    0x3202                                         /* IF, IOPL=3 */
         push    USER_CS
-        mov     rax, offset user_main
-        push    rax
+        push    rdx
         mov     rdi, r15
         mov     rsi, rbx
         iretq
+
+/*
+ * The user-space probe: can this host's KVM run an ordinary OS's user
+ * processes? They enter their kernel with `syscall`; if it arrives at
+ * syscall_entry the probe says 1 on PROBE_PORT, if it faults the #PF/#GP
+ * handler reports the fault on PANIC_PORT.
+ */
+setup_syscall:
+        mov     ecx, MSR_EFER
+        rdmsr
+        or      eax, 1                  /* SCE */
+        wrmsr
+        mov     ecx, MSR_STAR
+        xor     eax, eax
+        mov     edx, KERNEL_CS | ((USER_DS - 8) << 16)
+        wrmsr
+        mov     ecx, MSR_LSTAR
+        mov     rax, offset syscall_entry
+        mov     rdx, rax
+        shr     rdx, 32
+        wrmsr
+        mov     ecx, MSR_FMASK
+        mov     eax, 0x200
+        xor     edx, edx
+        wrmsr
+        ret
+
+syscall_entry:                          /* CPL0 if the host delivered the syscall */
+        mov     al, 1
+        mov     dx, PROBE_PORT
+        out     dx, al
+1:      hlt
+        jmp     1b
+
+probe_user:
+        syscall
+        jmp     probe_user
 
 /* Fill the IDT from vector_table (vector, handler, attributes). */
 build_idt:

@@ -7,6 +7,7 @@ lines, and echoes of what was typed.
 
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass, field
 
@@ -44,7 +45,7 @@ class Report:
         """Heartbeat counters that skipped or repeated (a restore that lost time or ran twice)."""
         out = []
         for cpu, beats in self.heartbeats.items():
-            for a, b in zip(beats, beats[1:], strict=False):
+            for a, b in itertools.pairwise(beats):
                 if b.n != a.n + 1:
                     out.append(f"cpu {cpu}: heartbeat {a.n} followed by {b.n}")
                 if b.writes < a.writes or b.ticks < a.ticks:

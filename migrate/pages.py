@@ -1,0 +1,338 @@
+"""Guest pages as MemoryChunks: choosing, encoding, checking and applying them.
+
+Both the checkpoint file and the migration stream carry memory this way. A
+chunk is a run of pages at one guest-physical address: ZERO (no data), RAW, or
+ZSTD, with an xxh3_64 of the uncompressed pages. The decoder treats every
+chunk as hostile: sizes are bounded before anything is allocated,
+decompression is capped at the chunk's own size, addresses are checked
+against the guest's memory layout, and the checksum is verified before a byte
+reaches guest memory.
+
+Inside the VMM memory is one file; a chunk's address is guest-physical, so the
+two are translated through the layout (regions never share a chunk).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+import mmap
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import xxhash
+import zstandard
+
+from vmigrate.proto import state_pb2 as pb
+
+PAGE = 4096
+MAX_CHUNK_PAGES = 256              # 1 MiB: the sweet spot for gRPC and zstd here
+BATCH_BYTES = 1 << 20
+ZSTD_LEVEL = -1                    # cheapest useful level on these machines (PERF-NOTES)
+COMPRESS_KEEP_RATIO = 0.9          # keep a compressed chunk only if it saves 10 %
+
+ZERO, RAW, ZSTD = pb.MemoryChunk.ZERO, pb.MemoryChunk.RAW, pb.MemoryChunk.ZSTD
+
+_libc = ctypes.CDLL(None, use_errno=True)
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
+
+
+class BadChunk(Exception):
+    """A chunk that must not be applied: what is wrong, in one line."""
+
+
+@dataclass
+class Layout:
+    """Guest-physical regions and where they live in the memory file."""
+
+    regions: list[tuple[int, int, int]]     # (guest_phys_addr, size, file_offset)
+
+    @classmethod
+    def from_msg(cls, m: pb.MemoryLayout) -> Layout:
+        return cls([(r.guest_phys_addr, r.size, r.file_offset) for r in m.regions])
+
+    @property
+    def size(self) -> int:
+        return sum(size for _, size, _ in self.regions)
+
+    @property
+    def pages(self) -> int:
+        return self.size // PAGE
+
+    def offset_of(self, gpa: int, length: int) -> int:
+        for base, size, off in self.regions:
+            if base <= gpa and gpa + length <= base + size:
+                return off + (gpa - base)
+        raise BadChunk(f"pages {gpa:#x}..{gpa + length:#x} lie outside guest memory")
+
+    def gpa_of(self, offset: int) -> int:
+        for base, size, off in self.regions:
+            if off <= offset < off + size:
+                return base + (offset - off)
+        raise ValueError(f"file offset {offset:#x} is not guest memory")
+
+    def region_ends(self) -> list[int]:
+        """File page numbers where a region ends (chunks must not cross them)."""
+        return sorted((off + size) // PAGE for _, size, off in self.regions)
+
+
+@dataclass
+class Counts:
+    pages_zero: int = 0
+    pages_raw: int = 0
+    pages_compressed: int = 0
+    bytes_out: int = 0            # encoded bytes (what goes on the wire / into the file)
+    chunks: int = 0
+
+    @property
+    def pages(self) -> int:
+        return self.pages_zero + self.pages_raw + self.pages_compressed
+
+    def add(self, other: Counts) -> None:
+        self.pages_zero += other.pages_zero
+        self.pages_raw += other.pages_raw
+        self.pages_compressed += other.pages_compressed
+        self.bytes_out += other.bytes_out
+        self.chunks += other.chunks
+
+
+# ---------------------------------------------------------------- which pages
+
+
+def bitmap_from_ranges(ranges: list[tuple[int, int]], pages: int) -> np.ndarray:
+    """A page bitmap (uint64 words) with the pages of byte ranges set."""
+    bits = np.zeros(((pages + 63) // 64) * 64, dtype=np.uint8)
+    for off, length in ranges:
+        first = off // PAGE
+        last = min(pages, (off + length + PAGE - 1) // PAGE)
+        bits[first:last] = 1
+    return np.packbits(bits, bitorder="little").view(np.uint64)
+
+
+def count_pages(bitmap: np.ndarray) -> int:
+    return int(np.unpackbits(bitmap.view(np.uint8)).sum())
+
+
+def runs(bitmap: np.ndarray, pages: int, breaks: list[int],
+         max_pages: int = MAX_CHUNK_PAGES) -> Iterator[tuple[int, int]]:
+    """(first page, count) runs of set bits, split at `breaks` and at max_pages."""
+    bits = np.unpackbits(bitmap.view(np.uint8), bitorder="little")[:pages].astype(np.int8)
+    edges = np.diff(np.concatenate(([0], bits, [0])))
+    starts = np.flatnonzero(edges == 1)
+    ends = np.flatnonzero(edges == -1)
+    cuts = [b for b in breaks if 0 < b < pages]
+    for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
+        pos = s
+        while pos < e:
+            stop = min(e, pos + max_pages)
+            for c in cuts:
+                if pos < c < stop:
+                    stop = c
+                    break
+            yield pos, stop - pos
+            pos = stop
+
+
+# ---------------------------------------------------------------- encoding
+
+
+class Encoder:
+    """Turns runs of pages of a mapped memory file into MemoryChunks."""
+
+    def __init__(self, memory: mmap.mmap, layout: Layout, compress: bool,
+                 level: int = ZSTD_LEVEL) -> None:
+        self.memory = memory
+        self.layout = layout
+        self.compress = compress
+        self._cctx = zstandard.ZstdCompressor(level=level)
+        self._view = np.frombuffer(memory, dtype=np.uint64)
+
+    def encode_run(self, first_page: int, count: int, counts: Counts,
+                   skip_zero: bool = False,
+                   hashes: np.ndarray | None = None) -> list[pb.MemoryChunk]:
+        """Chunks for pages [first_page, first_page+count) of the memory file.
+
+        Zero pages become ZERO chunks (or nothing with skip_zero, when the
+        receiver's memory is known to be all zero already). With `hashes`,
+        each page's xxh3_64 is recorded there (the checkpoint page index).
+        """
+        words = self._view[first_page * 512:(first_page + count) * 512].reshape(count, 512)
+        nonzero = words.any(axis=1)
+        if hashes is not None:
+            hashes[first_page:first_page + count] = page_hashes(self.memory, first_page, count,
+                                                                nonzero)
+        out: list[pb.MemoryChunk] = []
+        edges = np.flatnonzero(np.diff(nonzero.astype(np.int8))) + 1
+        bounds = [0, *edges.tolist(), count]
+        for a, b in itertools.pairwise(bounds):
+            n = b - a
+            page = first_page + a
+            gpa = self.layout.gpa_of(page * PAGE)
+            if not nonzero[a]:
+                counts.pages_zero += n
+                if not skip_zero:
+                    out.append(pb.MemoryChunk(guest_phys_addr=gpa, page_count=n, encoding=ZERO))
+                    counts.bytes_out += 16
+                    counts.chunks += 1
+                continue
+            raw = self.memory[page * PAGE:(page + n) * PAGE]
+            checksum = xxhash.xxh3_64_intdigest(raw)
+            if self.compress:
+                packed = self._cctx.compress(raw)
+                if len(packed) < len(raw) * COMPRESS_KEEP_RATIO:
+                    out.append(pb.MemoryChunk(guest_phys_addr=gpa, page_count=n, encoding=ZSTD,
+                                              data=packed, checksum=checksum))
+                    counts.pages_compressed += n
+                    counts.bytes_out += len(packed) + 24
+                    counts.chunks += 1
+                    continue
+            out.append(pb.MemoryChunk(guest_phys_addr=gpa, page_count=n, encoding=RAW, data=raw,
+                                      checksum=checksum))
+            counts.pages_raw += n
+            counts.bytes_out += len(raw) + 24
+            counts.chunks += 1
+        return out
+
+    def batches(self, bitmap: np.ndarray, counts: Counts, skip_zero: bool = False,
+                batch_bytes: int = BATCH_BYTES,
+                hashes: np.ndarray | None = None) -> Iterator[list[pb.MemoryChunk]]:
+        """Every set page of `bitmap`, as batches of chunks of about batch_bytes."""
+        batch: list[pb.MemoryChunk] = []
+        size = 0
+        for first, count in runs(bitmap, self.layout.pages, self.layout.region_ends()):
+            for chunk in self.encode_run(first, count, counts, skip_zero, hashes):
+                batch.append(chunk)
+                size += len(chunk.data) + 16
+                if size >= batch_bytes:
+                    yield batch
+                    batch, size = [], 0
+        if batch:
+            yield batch
+
+
+ZERO_PAGE_HASH = xxhash.xxh3_64_intdigest(bytes(PAGE))
+
+
+def page_hashes(memory: mmap.mmap, first_page: int, count: int,
+                nonzero: np.ndarray | None = None) -> np.ndarray:
+    """xxh3_64 of each page (zero pages are recognised without hashing)."""
+    if nonzero is None:
+        view = np.frombuffer(memory, dtype=np.uint64, count=count * 512,
+                             offset=first_page * PAGE)
+        nonzero = view.reshape(count, 512).any(axis=1)
+    out = np.full(count, ZERO_PAGE_HASH, dtype=np.uint64)
+    mv = memoryview(memory)
+    digest = xxhash.xxh3_64_intdigest
+    for i in np.flatnonzero(nonzero).tolist():
+        off = (first_page + i) * PAGE
+        out[i] = digest(mv[off:off + PAGE])
+    mv.release()
+    return out
+
+
+def sample_ratio(memory: mmap.mmap, bitmap: np.ndarray, layout: Layout,
+                 max_pages: int = 256) -> float:
+    """Compressed/raw size of a sample of the non-zero pages to send (1.0: incompressible)."""
+    cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+    raw_total = packed_total = 0
+    view = np.frombuffer(memory, dtype=np.uint64)
+    for first, count in runs(bitmap, layout.pages, layout.region_ends()):
+        words = view[first * 512:(first + count) * 512].reshape(count, 512)
+        for i in np.flatnonzero(words.any(axis=1))[:max_pages - raw_total // PAGE].tolist():
+            page = memory[(first + i) * PAGE:(first + i + 1) * PAGE]
+            raw_total += PAGE
+            packed_total += len(cctx.compress(page))
+        if raw_total >= max_pages * PAGE:
+            break
+    return packed_total / raw_total if raw_total else 1.0
+
+
+# ---------------------------------------------------------------- decoding
+
+
+@dataclass
+class Decoder:
+    """Checks chunks and writes them into a mapped memory file.
+
+    `fresh` says the memory is still all zero (nothing written yet), so ZERO
+    chunks need no work; otherwise their pages are dropped from the file
+    (a hole reads as zero and costs no memory).
+    """
+
+    memory: mmap.mmap
+    layout: Layout
+    fd: int | None = None
+    fresh: bool = True
+    counts: Counts = field(default_factory=Counts)
+
+    def __post_init__(self) -> None:
+        self._dctx = zstandard.ZstdDecompressor()
+        self._base = ctypes.addressof(ctypes.c_char.from_buffer(self.memory))
+
+    def check(self, c: pb.MemoryChunk) -> tuple[int, int]:
+        """Validate a chunk; returns (file offset, length). Raises BadChunk."""
+        n = c.page_count
+        if n <= 0 or n > MAX_CHUNK_PAGES * 4:
+            raise BadChunk(f"chunk at {c.guest_phys_addr:#x} claims {n} pages")
+        if c.guest_phys_addr % PAGE:
+            raise BadChunk(f"chunk address {c.guest_phys_addr:#x} is not page-aligned")
+        length = n * PAGE
+        return self.layout.offset_of(c.guest_phys_addr, length), length
+
+    def decode(self, c: pb.MemoryChunk, length: int) -> bytes | None:
+        """The chunk's pages (None for ZERO), checked against its checksum."""
+        if c.encoding == ZERO:
+            if c.data:
+                raise BadChunk(f"zero chunk at {c.guest_phys_addr:#x} carries data")
+            return None
+        if c.encoding == RAW:
+            data = c.data
+            if len(data) != length:
+                raise BadChunk(f"raw chunk at {c.guest_phys_addr:#x} has {len(data)} bytes, "
+                               f"expected {length}")
+        elif c.encoding == ZSTD:
+            if len(c.data) > length + 1024:
+                raise BadChunk(f"compressed chunk at {c.guest_phys_addr:#x} is larger than "
+                               "its pages")
+            try:
+                data = self._dctx.decompress(c.data, max_output_size=length)
+            except zstandard.ZstdError as e:
+                raise BadChunk(f"chunk at {c.guest_phys_addr:#x} does not decompress: {e}") \
+                    from None
+            if len(data) != length:
+                raise BadChunk(f"chunk at {c.guest_phys_addr:#x} decompresses to {len(data)} "
+                               f"bytes, expected {length}")
+        else:
+            raise BadChunk(f"chunk at {c.guest_phys_addr:#x} has unknown encoding {c.encoding}")
+        if xxhash.xxh3_64_intdigest(data) != c.checksum:
+            raise BadChunk(f"checksum mismatch in the chunk at {c.guest_phys_addr:#x} "
+                           f"({c.page_count} pages): the data was damaged")
+        return data
+
+    def apply(self, c: pb.MemoryChunk) -> None:
+        off, length = self.check(c)
+        data = self.decode(c, length)
+        if data is None:
+            self.counts.pages_zero += c.page_count
+            if not self.fresh:
+                self._zero(off, length)
+        else:
+            self.memory[off:off + length] = data
+            if c.encoding == ZSTD:
+                self.counts.pages_compressed += c.page_count
+            else:
+                self.counts.pages_raw += c.page_count
+        self.counts.bytes_out += len(c.data)
+        self.counts.chunks += 1
+
+    def _zero(self, off: int, length: int) -> None:
+        if self.fd is not None:
+            r = _libc.fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                                ctypes.c_long(off), ctypes.c_long(length))
+            if r == 0:
+                return
+        ctypes.memset(self._base + off, 0, length)
+
+    def close(self) -> None:
+        self._base = 0

@@ -1,0 +1,402 @@
+"""The checkpoint file format (docs/file-format.md): the one module that reads
+and writes it.
+
+    prefix   "VMIGSNAP" | format version u32 | reserved u32             16 bytes
+    frames   type u8 | flags u8 | 0 u16 | length u32 | xxh3_64 u64 | payload
+             HEADER, DESCRIPTORS, then MEMORY*, STATE, PAGE_INDEX, CONSOLE, TRAILER
+    footer   "VMIGEND\\0" | offset of the TRAILER frame u64               16 bytes
+
+Every payload is a protobuf message (proto/file.proto, proto/state.proto),
+zstd-compressed when the frame's flag says so. The file is self-describing:
+the DESCRIPTORS frame holds the schema it was written with, so `vmigrate
+inspect` can decode any file from any version. A complete file ends with the
+footer pointing at the trailer; the trailer counts the frames and hashes
+their checksums in order, so a truncated, reordered or spliced file is told
+from a complete one. Files are written to a temporary name, fsynced, then
+renamed: a crash or a full disk never leaves a file that looks complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import struct
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import xxhash
+import zstandard
+from google.protobuf import descriptor_pb2
+from google.protobuf.message import DecodeError, Message
+
+from vmigrate.proto import file_pb2, state_pb2
+
+MAGIC = b"VMIGSNAP"
+FOOTER_MAGIC = b"VMIGEND\0"
+FORMAT_VERSION = 1
+PREFIX = struct.Struct("<8sII")
+FRAME = struct.Struct("<BBHIQ")
+FOOTER = struct.Struct("<8sQ")
+
+HEADER, DESCRIPTORS, STATE, MEMORY, PAGE_INDEX, CONSOLE, TRAILER = 1, 2, 3, 4, 5, 6, 0x7F
+FRAME_NAMES = {HEADER: "header", DESCRIPTORS: "descriptors", STATE: "state", MEMORY: "memory",
+               PAGE_INDEX: "page index", CONSOLE: "console", TRAILER: "trailer"}
+FLAG_ZSTD = 0x01
+
+MAX_FRAME = 64 << 20          # bytes of payload on disk
+MAX_INFLATED = 64 << 20       # bytes a compressed payload may inflate to
+MEMORY_ALIGN = 4096
+
+
+class SnapshotError(Exception):
+    """A checkpoint file cannot be used; the message says why in one line."""
+
+
+class Truncated(SnapshotError):
+    pass
+
+
+class Corrupt(SnapshotError):
+    pass
+
+
+class Unsupported(SnapshotError):
+    pass
+
+
+def schema_descriptors() -> bytes:
+    fds = descriptor_pb2.FileDescriptorSet()
+    for mod in (state_pb2, file_pb2):
+        fdp = fds.file.add()
+        mod.DESCRIPTOR.CopyToProto(fdp)
+    return fds.SerializeToString()
+
+
+# ---------------------------------------------------------------- writing
+
+
+class SnapshotWriter:
+    """Writes one checkpoint file atomically (temporary name, fsync, rename)."""
+
+    def __init__(self, path: Path, header: file_pb2.FileHeader) -> None:
+        self.path = path
+        if path.exists() and path.is_dir():
+            raise SnapshotError(f"{path} is a directory")
+        if not path.parent.is_dir():
+            raise SnapshotError(f"directory {path.parent} does not exist")
+        self.tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+        if not header.file_id:
+            header.file_id = uuid.uuid4().hex
+        self.header = header
+        self._cctx = zstandard.ZstdCompressor(level=3)
+        self._chain = xxhash.xxh3_64()
+        self._frames = 0
+        try:
+            self._f = open(self.tmp, "xb")  # noqa: SIM115
+            self._f.write(PREFIX.pack(MAGIC, FORMAT_VERSION, 0))
+        except OSError as e:
+            raise _write_error(e, path) from None
+        self._frame(HEADER, header.SerializeToString())
+        self._frame(DESCRIPTORS, schema_descriptors(), compress=True)
+
+    @property
+    def file_id(self) -> str:
+        return self.header.file_id
+
+    def _frame(self, kind: int, payload: bytes, compress: bool = False) -> int:
+        flags = 0
+        if compress:
+            packed = self._cctx.compress(payload)
+            if len(packed) < len(payload):
+                payload, flags = packed, FLAG_ZSTD
+        if len(payload) > MAX_FRAME:
+            raise SnapshotError(f"a {FRAME_NAMES[kind]} record of {len(payload)} bytes is "
+                                f"larger than the format allows ({MAX_FRAME})")
+        checksum = xxhash.xxh3_64_intdigest(payload)
+        try:
+            offset = self._f.tell()
+            self._f.write(FRAME.pack(kind, flags, 0, len(payload), checksum))
+            self._f.write(payload)
+        except OSError as e:
+            raise _write_error(e, self.path) from None
+        self._chain.update(checksum.to_bytes(8, "little"))
+        self._frames += 1
+        return offset
+
+    def write_memory(self, round_: int, chunks: list[state_pb2.MemoryChunk]) -> None:
+        self._frame(MEMORY, file_pb2.MemoryRecord(round=round_, chunks=chunks).SerializeToString())
+
+    def write_state(self, state: state_pb2.VmState) -> None:
+        self._frame(STATE, state.SerializeToString(), compress=True)
+
+    def write_page_index(self, hashes: bytes) -> None:
+        self._frame(PAGE_INDEX, file_pb2.PageIndex(hashes=hashes).SerializeToString(),
+                    compress=True)
+
+    def write_console(self, data: bytes) -> None:
+        self._frame(CONSOLE, file_pb2.ConsoleRecord(data=data).SerializeToString(), compress=True)
+
+    def finish(self, trailer: file_pb2.FileTrailer) -> int:
+        """Seal the file and move it into place; returns its size."""
+        trailer.records = self._frames
+        trailer.chain_hash = self._chain.intdigest()
+        offset = self._frame(TRAILER, trailer.SerializeToString())
+        try:
+            self._f.write(FOOTER.pack(FOOTER_MAGIC, offset))
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            size = self._f.tell()
+            self._f.close()
+            os.replace(self.tmp, self.path)
+            dir_fd = os.open(self.path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as e:
+            self.abort()
+            raise _write_error(e, self.path) from None
+        return size
+
+    def abort(self) -> None:
+        with contextlib.suppress(OSError):
+            self._f.close()
+        with contextlib.suppress(OSError):
+            self.tmp.unlink()
+
+
+def _write_error(e: OSError, path: Path) -> SnapshotError:
+    if e.errno == errno.ENOSPC:
+        return SnapshotError(f"no space left on the device writing {path}")
+    if e.errno == errno.EDQUOT:
+        return SnapshotError(f"disk quota exceeded writing {path}")
+    return SnapshotError(f"cannot write {path}: {e.strerror}")
+
+
+# ---------------------------------------------------------------- reading
+
+
+@dataclass
+class Frame:
+    kind: int
+    payload: bytes
+    offset: int
+
+
+@dataclass
+class Snapshot:
+    """A checkpoint file, checked as far as its header and trailer go."""
+
+    path: Path
+    header: file_pb2.FileHeader
+    trailer: file_pb2.FileTrailer
+    size: int
+    descriptors: bytes = b""
+    state_bytes: bytes = b""      # VmState at header.state_version, decoded by the caller
+    console: bytes = b""
+    page_index: bytes = b""
+    frame_counts: dict[str, int] = field(default_factory=dict)
+
+
+def _open(path: Path) -> tuple[object, int]:
+    try:
+        if path.is_dir():
+            raise SnapshotError(f"{path} is a directory, not a checkpoint file")
+        f = open(path, "rb")  # noqa: SIM115
+    except FileNotFoundError:
+        raise SnapshotError(f"{path}: no such file") from None
+    except PermissionError:
+        raise SnapshotError(f"{path}: permission denied") from None
+    except IsADirectoryError:
+        raise SnapshotError(f"{path} is a directory, not a checkpoint file") from None
+    except OSError as e:
+        raise SnapshotError(f"cannot open {path}: {e.strerror}") from None
+    size = os.fstat(f.fileno()).st_size
+    return f, size
+
+
+def _parse(msg: Message, payload: bytes, what: str, path: Path) -> Message:
+    try:
+        msg.ParseFromString(payload)
+    except DecodeError:
+        raise Corrupt(f"{path}: the {what} record does not decode") from None
+    return msg
+
+
+class SnapshotReader:
+    """Reads a checkpoint file frame by frame, checking everything it reads."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._f, self.size = _open(path)
+        f = self._f
+        if self.size == 0:
+            raise Truncated(f"{path} is empty")
+        prefix = f.read(PREFIX.size)
+        if len(prefix) < PREFIX.size or not prefix.startswith(MAGIC[:len(prefix)]):
+            if not prefix.startswith(MAGIC[:min(len(prefix), len(MAGIC))]):
+                raise Corrupt(f"{path} is not a vmigrate checkpoint (wrong magic)")
+            raise Truncated(f"{path} is truncated (no complete header)")
+        magic, version, _ = PREFIX.unpack(prefix)
+        if magic != MAGIC:
+            raise Corrupt(f"{path} is not a vmigrate checkpoint (wrong magic)")
+        if version > FORMAT_VERSION:
+            raise Unsupported(f"{path} uses file format {version}; this vmigrate reads up to "
+                              f"{FORMAT_VERSION}: upgrade vmigrate to read it")
+        if version < 1:
+            raise Corrupt(f"{path} has an invalid format version {version}")
+        self.trailer_offset = self._read_footer()
+
+    def _read_footer(self) -> int:
+        if self.size < PREFIX.size + FOOTER.size:
+            raise Truncated(f"{self.path} is truncated (no trailer)")
+        self._f.seek(self.size - FOOTER.size)
+        magic, offset = FOOTER.unpack(self._f.read(FOOTER.size))
+        if magic != FOOTER_MAGIC:
+            raise Truncated(f"{self.path} is truncated or incomplete (no end marker): "
+                            "it was not finished writing")
+        if not PREFIX.size <= offset <= self.size - FOOTER.size - FRAME.size:
+            raise Corrupt(f"{self.path}: the end marker points outside the file")
+        return offset
+
+    def _read_frame(self, offset: int, limit: int) -> tuple[Frame, int, int]:
+        """The frame at `offset`, its checksum and its length on disk."""
+        self._f.seek(offset)
+        head = self._f.read(FRAME.size)
+        if len(head) < FRAME.size or offset + FRAME.size > limit:
+            raise Truncated(f"{self.path} is truncated at byte {offset}")
+        kind, flags, _, length, checksum = FRAME.unpack(head)
+        if kind not in FRAME_NAMES:
+            raise Corrupt(f"{self.path}: unknown record type {kind} at byte {offset}")
+        if length > MAX_FRAME:
+            raise Corrupt(f"{self.path}: a {FRAME_NAMES[kind]} record at byte {offset} claims "
+                          f"{length} bytes (more than the {MAX_FRAME} the format allows)")
+        if offset + FRAME.size + length > limit:
+            raise Truncated(f"{self.path} is truncated in a {FRAME_NAMES[kind]} record "
+                            f"at byte {offset}")
+        payload = self._f.read(length)
+        if len(payload) != length:
+            raise Truncated(f"{self.path} is truncated at byte {offset}")
+        if xxhash.xxh3_64_intdigest(payload) != checksum:
+            raise Corrupt(f"{self.path}: checksum mismatch in the {FRAME_NAMES[kind]} record "
+                          f"at byte {offset}: the file is damaged")
+        if flags & ~FLAG_ZSTD:
+            raise Corrupt(f"{self.path}: unknown flags {flags:#x} at byte {offset}")
+        if flags & FLAG_ZSTD:
+            payload = _inflate(payload, self.path, offset, FRAME_NAMES[kind])
+        return Frame(kind, payload, offset), checksum, FRAME.size + length
+
+    def frames(self) -> Iterator[Frame]:
+        """Every frame up to the trailer, checked; the trailer last."""
+        chain = xxhash.xxh3_64()
+        count = 0
+        offset = PREFIX.size
+        end = self.size - FOOTER.size
+        while True:
+            frame, checksum, disk_len = self._read_frame(offset, end)
+            offset += disk_len
+            if frame.kind == TRAILER:
+                if frame.offset != self.trailer_offset:
+                    raise Corrupt(f"{self.path}: a trailer in the middle of the file")
+                trailer = _parse(file_pb2.FileTrailer(), frame.payload, "trailer", self.path)
+                if trailer.records != count or trailer.chain_hash != chain.intdigest():
+                    raise Corrupt(f"{self.path}: records are missing or out of order "
+                                  f"({count} read, trailer says {trailer.records})")
+                yield frame
+                return
+            if count == 0 and frame.kind != HEADER:
+                raise Corrupt(f"{self.path}: the first record is not a header")
+            chain.update(checksum.to_bytes(8, "little"))
+            count += 1
+            yield frame
+            if offset >= end:
+                raise Truncated(f"{self.path} is truncated (no trailer)")
+
+    def header(self) -> file_pb2.FileHeader:
+        frame, _, _ = self._read_frame(PREFIX.size, self.size - FOOTER.size)
+        if frame.kind != HEADER:
+            raise Corrupt(f"{self.path}: the first record is not a header")
+        return _parse(file_pb2.FileHeader(), frame.payload, "header", self.path)
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> SnapshotReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _inflate(payload: bytes, path: Path, offset: int, what: str) -> bytes:
+    try:
+        params = zstandard.get_frame_parameters(payload)
+    except zstandard.ZstdError:
+        raise Corrupt(f"{path}: the {what} record at byte {offset} is not valid zstd") from None
+    if params.content_size > MAX_INFLATED:
+        raise Corrupt(f"{path}: the {what} record at byte {offset} claims to inflate to "
+                      f"{params.content_size} bytes (a decompression bomb?)")
+    try:
+        return zstandard.ZstdDecompressor().decompress(payload, max_output_size=MAX_INFLATED)
+    except zstandard.ZstdError as e:
+        raise Corrupt(f"{path}: the {what} record at byte {offset} does not decompress "
+                      f"within {MAX_INFLATED} bytes: {e}") from None
+
+
+def check_readable(header: file_pb2.FileHeader, state_versions: tuple[int, int],
+                   features: tuple[str, ...], path: Path) -> None:
+    """Refuse, before anything is restored, what this build cannot honour."""
+    lo, hi = state_versions
+    if header.state_version > hi:
+        raise Unsupported(f"{path} holds state version {header.state_version} "
+                          f"(written by {header.producer}); this vmigrate reads state "
+                          f"versions {lo}-{hi}: upgrade vmigrate to restore it")
+    if header.state_version < lo:
+        raise Unsupported(f"{path} holds state version {header.state_version} "
+                          f"(written by {header.producer}); this vmigrate reads state "
+                          f"versions {lo}-{hi}")
+    missing = [f for f in header.required_features if f not in features]
+    if missing:
+        raise Unsupported(f"{path} needs features this vmigrate lacks: {', '.join(missing)} "
+                          f"(written by {header.producer})")
+
+
+def load(path: Path, with_memory: bool = False) -> tuple[Snapshot, list[file_pb2.MemoryRecord]]:
+    """Read and check a whole file; memory records only when asked."""
+    memory: list[file_pb2.MemoryRecord] = []
+    with SnapshotReader(path) as r:
+        counts: dict[str, int] = {}
+        header = file_pb2.FileHeader()
+        trailer = file_pb2.FileTrailer()
+        descriptors = console = page_index = b""
+        state = None
+        for frame in r.frames():
+            name = FRAME_NAMES[frame.kind]
+            counts[name] = counts.get(name, 0) + 1
+            if frame.kind == HEADER:
+                if counts[name] > 1:
+                    raise Corrupt(f"{path}: two headers")
+                _parse(header, frame.payload, "header", path)
+            elif frame.kind == DESCRIPTORS:
+                descriptors = frame.payload
+            elif frame.kind == STATE:
+                state = frame.payload
+            elif frame.kind == MEMORY:
+                if with_memory:
+                    memory.append(_parse(file_pb2.MemoryRecord(), frame.payload, "memory", path))
+            elif frame.kind == PAGE_INDEX:
+                page_index = _parse(file_pb2.PageIndex(), frame.payload, "page index",
+                                    path).hashes
+            elif frame.kind == CONSOLE:
+                console = _parse(file_pb2.ConsoleRecord(), frame.payload, "console", path).data
+            elif frame.kind == TRAILER:
+                _parse(trailer, frame.payload, "trailer", path)
+        if state is None:
+            raise Corrupt(f"{path} has no VM state record")
+        snap = Snapshot(path=path, header=header, trailer=trailer, size=r.size,
+                        descriptors=descriptors, state_bytes=state, console=console,
+                        page_index=page_index, frame_counts=counts)
+        return snap, memory

@@ -1,0 +1,195 @@
+"""The guests of one node agent: a VMM process each, in STATE_DIR/vms/NAME.
+
+VMM processes outlive the agent (each in its own session), so an agent that
+restarts (a crash, an upgrade) finds its guests again by scanning its state
+directory and re-attaching to every VMM that still answers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import shutil
+import subprocess
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vmigrate.proto import state_pb2 as pb
+from vmigrate.proto import vmm_pb2
+from vmigrate.vmm.client import VmmClient, VmmError, kill_vmm, pid_alive, read_pid, spawn_vmm
+from vmigrate.vmm.server import CONFIG_NAME, CONSOLE_NAME
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+
+STATE_NAMES = {
+    vmm_pb2.VmmStatus.CREATED: "created",
+    vmm_pb2.VmmStatus.RUNNING: "running",
+    vmm_pb2.VmmStatus.PAUSED: "paused",
+    vmm_pb2.VmmStatus.STOPPED: "stopped",
+    vmm_pb2.VmmStatus.CRASHED: "crashed",
+}
+
+
+class VmExists(Exception):
+    pass
+
+
+class NoSuchVm(Exception):
+    pass
+
+
+class VmBusy(Exception):
+    pass
+
+
+def check_vm_name(name: str) -> str:
+    if not NAME_RE.match(name or ""):
+        raise ValueError(f"invalid VM name {name!r}: use 1-63 lowercase letters, digits, "
+                         "'-', '_' or '.', starting with a letter or digit")
+    return name
+
+
+@dataclass
+class LocalVm:
+    name: str
+    dir: Path
+    client: VmmClient
+    pid: int
+    config: pb.VmConfig
+    proc: subprocess.Popen | None = None
+    # One long operation (send, checkpoint, upgrade) at a time per guest.
+    op_lock: threading.Lock = field(default_factory=threading.Lock)
+    operation: str = ""
+    cancel: threading.Event = field(default_factory=threading.Event)
+    incoming_migration: str = ""   # set while this is the destination of a migration
+
+    def status(self) -> vmm_pb2.VmmStatus:
+        return self.client.status(timeout=5)
+
+    def alive(self) -> bool:
+        if self.proc is not None:
+            return self.proc.poll() is None
+        return pid_alive(self.pid)
+
+    def begin(self, operation: str) -> None:
+        if not self.op_lock.acquire(blocking=False):
+            raise VmBusy(f"{self.name} is busy: {self.operation} in progress")
+        self.operation = operation
+        self.cancel.clear()
+
+    def end(self) -> None:
+        self.operation = ""
+        self.op_lock.release()
+
+
+class VmRegistry:
+    def __init__(self, state_dir: Path) -> None:
+        self.root = state_dir / "vms"
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._vms: dict[str, LocalVm] = {}
+        self._lock = threading.Lock()
+
+    def __contains__(self, name: str) -> bool:
+        with self._lock:
+            return name in self._vms
+
+    def get(self, name: str) -> LocalVm:
+        with self._lock:
+            vm = self._vms.get(name)
+        if vm is None:
+            raise NoSuchVm(f"no VM named {name!r} on this host")
+        return vm
+
+    def all(self) -> list[LocalVm]:
+        with self._lock:
+            return sorted(self._vms.values(), key=lambda v: v.name)
+
+    def spawn(self, config: pb.VmConfig, memory_file: str | None = None,
+              dir_name: str | None = None, console_seed: bytes = b"") -> LocalVm:
+        """Start a VMM for `config` (not booted yet). `console_seed` is console
+        history that came with the guest (a checkpoint, a migration)."""
+        name = check_vm_name(config.name)
+        vm_dir = self.root / (dir_name or name)
+        with self._lock:
+            if name in self._vms and not dir_name:
+                raise VmExists(f"a VM named {name!r} already runs on this host")
+            if vm_dir.exists():
+                pid = read_pid(vm_dir)
+                if pid and pid_alive(pid):
+                    raise VmExists(f"a VMM for {name!r} is already running (pid {pid})")
+                shutil.rmtree(vm_dir, ignore_errors=True)    # left over from a crash
+            vm_dir.mkdir(parents=True, mode=0o700)
+        if console_seed:
+            (vm_dir / CONSOLE_NAME).write_bytes(console_seed)
+        try:
+            proc, client = spawn_vmm(vm_dir, config, memory_file=memory_file)
+        except VmmError:
+            shutil.rmtree(vm_dir, ignore_errors=True)
+            raise
+        vm = LocalVm(name=name, dir=vm_dir, client=client, pid=proc.pid, config=config, proc=proc)
+        if not dir_name:
+            self.add(vm)
+        return vm
+
+    def add(self, vm: LocalVm) -> None:
+        with self._lock:
+            self._vms[vm.name] = vm
+
+    def replace(self, vm: LocalVm) -> None:
+        with self._lock:
+            self._vms[vm.name] = vm
+
+    def forget(self, name: str) -> LocalVm | None:
+        with self._lock:
+            return self._vms.pop(name, None)
+
+    def destroy(self, vm: LocalVm, reason: str = "stopped") -> None:
+        """Shut the VMM down, make sure its process is gone, remove its directory."""
+        vm.client.shutdown(reason)
+        vm.client.close()
+        if vm.proc is not None:
+            try:
+                vm.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                kill_vmm(vm.pid)
+                vm.proc.wait(5)
+        elif pid_alive(vm.pid):
+            kill_vmm(vm.pid)
+        shutil.rmtree(vm.dir, ignore_errors=True)
+        with self._lock:
+            if self._vms.get(vm.name) is vm:
+                del self._vms[vm.name]
+
+    def adopt_existing(self) -> tuple[list[LocalVm], list[str]]:
+        """Re-attach to VMMs left running by a previous agent; clean dead ones."""
+        adopted, removed = [], []
+        for vm_dir in sorted(self.root.iterdir()):
+            if not vm_dir.is_dir():
+                continue
+            pid = read_pid(vm_dir)
+            if pid is None or not pid_alive(pid):
+                shutil.rmtree(vm_dir, ignore_errors=True)
+                removed.append(vm_dir.name)
+                continue
+            client = VmmClient(vm_dir)
+            try:
+                status = client.status(timeout=5)
+                config = pb.VmConfig.FromString((vm_dir / CONFIG_NAME).read_bytes())
+            except (VmmError, OSError, ValueError):
+                client.close()
+                kill_vmm(pid)
+                shutil.rmtree(vm_dir, ignore_errors=True)
+                removed.append(vm_dir.name)
+                continue
+            vm = LocalVm(name=config.name, dir=vm_dir, client=client, pid=pid,
+                         config=status.config if status.config.name else config)
+            vm.incoming_migration = status.migration_id if status.awaiting_commit else ""
+            self.add(vm)
+            adopted.append(vm)
+        return adopted, removed
+
+    def close(self) -> None:
+        for vm in self.all():
+            with contextlib.suppress(Exception):
+                vm.client.close()

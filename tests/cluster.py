@@ -1,0 +1,86 @@
+"""A vmigrate cluster for tests, driven through the real CLI.
+
+`LocalCluster` is what a user gets from `vmigrate up` (agents on loopback);
+`NetnsCluster` puts each agent in its own network namespace with its own
+address, so migrations cross a real (veth) network that tests can cut, slow
+or make lossy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from vmigrate.vmm.testguest import report
+
+VMIGRATE = [sys.executable, "-m", "vmigrate.cli.main"]
+
+
+class CliFailed(AssertionError):
+    pass
+
+
+class ClusterBase:
+    home: Path
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "VMIGRATE_HOME": str(self.home), "GRPC_VERBOSITY": "NONE"}
+
+    def run(self, *args: str, check: bool = True, timeout: float = 300,
+            input_: str | None = None) -> subprocess.CompletedProcess:
+        p = subprocess.run([*VMIGRATE, *args], env=self.env(), capture_output=True, text=True,
+                           timeout=timeout, input=input_)
+        if check and p.returncode != 0:
+            raise CliFailed(f"vmigrate {' '.join(args)} failed ({p.returncode}): "
+                            f"{p.stderr.strip()}")
+        return p
+
+    def json(self, *args: str, timeout: float = 300) -> object:
+        p = self.run(*args, "--json", timeout=timeout)
+        return json.loads(p.stdout)
+
+    def logs(self, name: str) -> str:
+        return self.run("logs", name).stdout
+
+    def report(self, name: str) -> report.Report:
+        return report.parse(self.logs(name))
+
+    def host_of(self, name: str) -> str:
+        for vm in self.json("ps"):
+            if vm["name"] == name:
+                return vm["host"]
+        raise AssertionError(f"{name} is not in 'vmigrate ps'")
+
+    def wait_heartbeats(self, name: str, count: int, after: int = 0, cpus: int = 1,
+                        timeout: float = 30) -> report.Report:
+        deadline = time.monotonic() + timeout
+        while True:
+            r = self.report(name)
+            if all((hb := r.last(c)) is not None and hb.n >= after + count
+                   for c in range(cpus)):
+                return r
+            if r.problems:
+                raise AssertionError(f"{name} reported {r.problems[:3]}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{name}: no {count} heartbeats after {after} in "
+                                     f"{timeout}s; tail: {self.logs(name)[-300:]!r}")
+            time.sleep(0.2)
+
+
+class LocalCluster(ClusterBase):
+    def __init__(self, home: Path, hosts: int = 2, insecure: bool = False,
+                 store: str | None = None) -> None:
+        self.home = home
+        args = ["up", "--hosts", str(hosts)]
+        if insecure:
+            args.append("--insecure")
+        if store:
+            args += ["--store", store]
+        self.run(*args, timeout=120)
+
+    def close(self) -> None:
+        self.run("down", check=False, timeout=120)
