@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from collections.abc import Iterable, Iterator, Sequence
 
 from google.protobuf import json_format
@@ -57,32 +56,23 @@ def _describe(p: agent_pb2.Progress) -> str:
 
 def follow_progress(stream: Iterator[agent_pb2.Progress], title: str,
                     quiet: bool) -> agent_pb2.Progress:
-    """Show progress (a live bar on a terminal, lines otherwise); return the last message."""
+    """Show progress as a live bar on a terminal (nothing when output is not a
+    terminal, so scripts see only results and errors); return the last message."""
     last = agent_pb2.Progress()
-    if quiet:
+    if quiet or not sys.stderr.isatty():
         for p in stream:
             last = p
         return last
-    if sys.stderr.isatty():
-        from rich.console import Console
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-        console = Console(stderr=True)
-        with Progress(TextColumn("[bold]{task.fields[title]}"), BarColumn(),
-                      TextColumn("{task.description}"), TimeElapsedColumn(),
-                      console=console, transient=True) as bar:
-            task = bar.add_task("starting", total=None, title=title)
-            for p in stream:
-                last = p
-                total = p.bytes_done + p.bytes_remaining
-                bar.update(task, description=_describe(p),
-                           total=total or None, completed=p.bytes_done)
-        return last
-    shown = 0.0
-    for p in stream:
-        last = p
-        now = time.monotonic()
-        if now - shown > 1.0 or p.phase in ("stop-and-copy", "committed", "done"):
-            shown = now
-            print(f"{title}: {_describe(p)}", file=sys.stderr)
+    with Progress(TextColumn("[bold]{task.fields[title]}"), BarColumn(),
+                  TextColumn("{task.description}"), TimeElapsedColumn(),
+                  console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("starting", total=None, title=title)
+        for p in stream:
+            last = p
+            total = p.bytes_done + p.bytes_remaining
+            bar.update(task, description=_describe(p), total=total or None,
+                       completed=p.bytes_done)
     return last

@@ -95,6 +95,7 @@ def _checkpoint(agent: Agent, vm: LocalVm, req: agent_pb2.CheckpointRequest,
     paused_at = 0.0
     resumed = True
     dirty_on = False
+    destroyed = False
     encoder = None
     try:
         parent_hashes, parent = _parent_index(req.incremental_from, vm.name) \
@@ -163,6 +164,7 @@ def _checkpoint(agent: Agent, vm: LocalVm, req: agent_pb2.CheckpointRequest,
         size = writer.finish(trailer)
         writer = None
         if req.stop and not was_paused:
+            destroyed = True
             agent.vms.destroy(vm, "stopped after checkpoint")
             with contextlib.suppress(store.StoreError):
                 agent.store.delete_vm(vm.name, agent.name)
@@ -178,12 +180,12 @@ def _checkpoint(agent: Agent, vm: LocalVm, req: agent_pb2.CheckpointRequest,
             writer.abort()
         if memory is not None:
             memory.close()
-        with contextlib.suppress(VmmError):
-            if dirty_on:
-                vm.client.stop_dirty_log()
-            vm.client.set_throttle(0)
-            if not resumed:
-                vm.client.resume()       # a failed checkpoint leaves the guest running
+        if not destroyed:
+            with contextlib.suppress(VmmError):
+                if dirty_on:
+                    vm.client.stop_dirty_log()
+                if not resumed:
+                    vm.client.resume()   # a failed checkpoint leaves the guest running
 
 
 def _console_tail(client: object) -> bytes:

@@ -54,6 +54,10 @@ def status_of(e: BaseException) -> tuple[grpc.StatusCode, str] | None:
         return grpc.StatusCode.INVALID_ARGUMENT, str(e)
     if isinstance(e, VmmError):
         return grpc.StatusCode.FAILED_PRECONDITION, str(e)
+    from vmigrate.migrate.snapfile import SnapshotError
+
+    if isinstance(e, SnapshotError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(e)
     if isinstance(e, OSError):
         return grpc.StatusCode.INTERNAL, f"{e.strerror or e}" + (
             f": {e.filename}" if e.filename else "")

@@ -3,6 +3,7 @@ and writes it.
 
     prefix   "VMIGSNAP" | format version u32 | reserved u32             16 bytes
     frames   type u8 | flags u8 | 0 u16 | length u32 | xxh3_64 u64 | payload
+             (the hash covers the first 8 header bytes and the payload)
              HEADER, DESCRIPTORS, then MEMORY*, STATE, PAGE_INDEX, CONSOLE, TRAILER
     footer   "VMIGEND\\0" | offset of the TRAILER frame u64               16 bytes
 
@@ -67,6 +68,14 @@ class Unsupported(SnapshotError):
     pass
 
 
+def frame_checksum(kind: int, flags: int, payload: bytes) -> int:
+    """xxh3_64 over the frame's type, flags, reserved and length fields and its payload,
+    so a damaged frame header is caught as surely as a damaged payload."""
+    h = xxhash.xxh3_64(FRAME.pack(kind, flags, 0, len(payload), 0)[:8])
+    h.update(payload)
+    return h.intdigest()
+
+
 def schema_descriptors() -> bytes:
     fds = descriptor_pb2.FileDescriptorSet()
     for mod in (state_pb2, file_pb2):
@@ -115,7 +124,7 @@ class SnapshotWriter:
         if len(payload) > MAX_FRAME:
             raise SnapshotError(f"a {FRAME_NAMES[kind]} record of {len(payload)} bytes is "
                                 f"larger than the format allows ({MAX_FRAME})")
-        checksum = xxhash.xxh3_64_intdigest(payload)
+        checksum = frame_checksum(kind, flags, payload)
         try:
             offset = self._f.tell()
             self._f.write(FRAME.pack(kind, flags, 0, len(payload), checksum))
@@ -240,9 +249,11 @@ class SnapshotReader:
             if not prefix.startswith(MAGIC[:min(len(prefix), len(MAGIC))]):
                 raise Corrupt(f"{path} is not a vmigrate checkpoint (wrong magic)")
             raise Truncated(f"{path} is truncated (no complete header)")
-        magic, version, _ = PREFIX.unpack(prefix)
+        magic, version, reserved = PREFIX.unpack(prefix)
         if magic != MAGIC:
             raise Corrupt(f"{path} is not a vmigrate checkpoint (wrong magic)")
+        if reserved:
+            raise Corrupt(f"{path}: damaged header (reserved field is {reserved:#x})")
         if version > FORMAT_VERSION:
             raise Unsupported(f"{path} uses file format {version}; this vmigrate reads up to "
                               f"{FORMAT_VERSION}: upgrade vmigrate to read it")
@@ -268,8 +279,8 @@ class SnapshotReader:
         head = self._f.read(FRAME.size)
         if len(head) < FRAME.size or offset + FRAME.size > limit:
             raise Truncated(f"{self.path} is truncated at byte {offset}")
-        kind, flags, _, length, checksum = FRAME.unpack(head)
-        if kind not in FRAME_NAMES:
+        kind, flags, reserved, length, checksum = FRAME.unpack(head)
+        if kind not in FRAME_NAMES or reserved:
             raise Corrupt(f"{self.path}: unknown record type {kind} at byte {offset}")
         if length > MAX_FRAME:
             raise Corrupt(f"{self.path}: a {FRAME_NAMES[kind]} record at byte {offset} claims "
@@ -280,7 +291,7 @@ class SnapshotReader:
         payload = self._f.read(length)
         if len(payload) != length:
             raise Truncated(f"{self.path} is truncated at byte {offset}")
-        if xxhash.xxh3_64_intdigest(payload) != checksum:
+        if frame_checksum(kind, flags, payload) != checksum:
             raise Corrupt(f"{self.path}: checksum mismatch in the {FRAME_NAMES[kind]} record "
                           f"at byte {offset}: the file is damaged")
         if flags & ~FLAG_ZSTD:
@@ -336,7 +347,8 @@ def _inflate(payload: bytes, path: Path, offset: int, what: str) -> bytes:
         params = zstandard.get_frame_parameters(payload)
     except zstandard.ZstdError:
         raise Corrupt(f"{path}: the {what} record at byte {offset} is not valid zstd") from None
-    if params.content_size > MAX_INFLATED:
+    if params.content_size != zstandard.CONTENTSIZE_UNKNOWN and \
+            params.content_size > MAX_INFLATED:
         raise Corrupt(f"{path}: the {what} record at byte {offset} claims to inflate to "
                       f"{params.content_size} bytes (a decompression bomb?)")
     try:

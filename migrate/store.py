@@ -44,6 +44,9 @@ Rules both backends follow (the checks live in this module, see ``check_*``):
 * Re-registering a host is an upsert that keeps its drain flag (a drained host
   that restarts stays drained until it is re-admitted) and gives it a new
   lease, which voids the old one.
+* A change that raised StoreUnavailable may or may not have been applied (the
+  answer can be lost after etcd applied it): read back, or call it again --
+  commit, abort, rollback and finish are idempotent for that reason.
 * Timestamps in records (``created_at``, ``updated_at``, ...) are wall-clock
   seconds, for people to read; only SQLite uses the clock for liveness.
 """

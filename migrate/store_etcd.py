@@ -260,7 +260,7 @@ class EtcdStore(ClusterStore):
         self._endpoint = f"http://{host}:{port}"
         self._local = threading.local()
         self._lock = threading.Lock()
-        self._clients: list[etcd3gw.Etcd3Client] = []
+        self._clients: dict[threading.Thread, etcd3gw.Etcd3Client] = {}
         self._api_path: str | None = None
         self._leases: dict[str, int] = {}  # host -> lease this store registered
         self._closed = False
@@ -320,8 +320,11 @@ class EtcdStore(ClusterStore):
             session=session,
         )
         self._local.client = c
-        with self._lock:
-            self._clients.append(c)
+        with self._lock:  # forget (and close) the sessions of threads that ended
+            stale = [self._clients.pop(t) for t in list(self._clients) if not t.is_alive()]
+            self._clients[threading.current_thread()] = c
+        for old in stale:
+            old.session.close()
         return c
 
     def _call(self, fn: Callable[[etcd3gw.Etcd3Client], T]) -> T:
@@ -686,7 +689,7 @@ class EtcdStore(ClusterStore):
     def close(self) -> None:
         with self._lock:
             self._closed = True
-            clients, self._clients = self._clients, []
+            clients, self._clients = list(self._clients.values()), {}
         for c in clients:
             c.session.close()
         self._local = threading.local()

@@ -132,7 +132,7 @@ class SqliteStore(ClusterStore):
         self.timeout_s = timeout_s
         self._local = threading.local()
         self._lock = threading.Lock()
-        self._conns: list[sqlite3.Connection] = []
+        self._conns: dict[threading.Thread, sqlite3.Connection] = {}
         self._leases: dict[str, str] = {}  # host -> lease this store registered
         self._closed = False
         self._init_schema()
@@ -185,8 +185,12 @@ class SqliteStore(ClusterStore):
         except sqlite3.Error as e:
             raise self._fail(e)
         self._local.conn = conn
-        with self._lock:
-            self._conns.append(conn)
+        with self._lock:  # forget (and close) the connections of threads that ended
+            stale = [self._conns.pop(t) for t in list(self._conns) if not t.is_alive()]
+            self._conns[threading.current_thread()] = conn
+        for old in stale:
+            with contextlib.suppress(sqlite3.Error):
+                old.close()
         return conn
 
     @contextlib.contextmanager
@@ -487,7 +491,7 @@ class SqliteStore(ClusterStore):
     def close(self) -> None:
         with self._lock:
             self._closed = True
-            conns, self._conns = self._conns, []
+            conns, self._conns = list(self._conns.values()), {}
         for conn in conns:
             with contextlib.suppress(sqlite3.Error):
                 conn.close()
