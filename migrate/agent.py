@@ -88,9 +88,17 @@ class Agent(agent_pb2_grpc.AgentServicer):
 
     def adopt(self) -> None:
         adopted, removed = self.vms.adopt_existing()
+        from vmigrate.migrate.outgoing import recover_source
+
         for vm in adopted:
             log.info("re-attached to %s (pid %d)", vm.name, vm.pid)
-            self.incoming.recover(vm)
+            try:
+                if vm.incoming_migration:
+                    self.incoming.recover(vm)
+                else:
+                    recover_source(self, vm)
+            except (store.StoreError, VmmError, AgentError) as e:
+                log.error("cannot settle %s yet: %s", vm.name, e)
         for name in removed:
             log.info("removed the remains of %s", name)
 
@@ -317,11 +325,6 @@ class Agent(agent_pb2_grpc.AgentServicer):
     def Switchover(self, request: agent_pb2.SwitchoverRequest,
                    context: grpc.ServicerContext) -> agent_pb2.SwitchoverReply:
         return self.incoming.switchover(request, context)
-
-    @unary
-    def Commit(self, request: agent_pb2.CommitRequest,
-               context: grpc.ServicerContext) -> agent_pb2.CommitReply:
-        return self.incoming.commit(request, context)
 
     @unary
     def Abort(self, request: agent_pb2.AbortRequest,

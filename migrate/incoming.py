@@ -1,15 +1,15 @@
 """The destination side of a live migration (docs/protocol.md).
 
     NEGOTIATED --Prepare--> PREPARED --ReceiveMemory*--> PREPARED
-      --Switchover--> SWITCHED --Commit--> RUNNING (the guest is ours)
-    any state --Abort / failure / commit timeout with the store saying
-      "not committed"--> DISCARDED (the VMM is destroyed)
+      --Switchover: restore, COMMIT (store CAS), resume--> RUNNING (ours now)
+    any state --Abort / bad data / failed commit / source gone quiet--> DISCARDED
 
-The destination never runs the guest unless the cluster store says the
-migration is committed and this host owns the VM. If the source vanishes
-after the switchover, a watchdog asks the store: committed -> run the guest;
-still pending -> abort it in the store (compare-and-swap against the
-source's commit) and discard, so exactly one side ever wins.
+The destination runs the guest only after its own compare-and-swap in the
+cluster store moved the VM here; the source's abort is the competing CAS, so
+exactly one side ever wins. If the guest cannot be resumed after the commit,
+the move is rolled back in the store before the error is reported, and the
+source takes its guest back. An agent that restarts finds a VMM still
+waiting for its commit and settles it through the store.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import grpc
 
 from vmigrate.migrate import pages, store, translate, versions
 from vmigrate.migrate.errors import AgentError
+from vmigrate.migrate.progress import Stopwatch
 from vmigrate.migrate.vms import LocalVm, check_vm_name
 from vmigrate.proto import agent_pb2
 from vmigrate.proto import state_pb2 as pb
@@ -133,6 +134,7 @@ class IncomingMigrations:
             agent.check_kvm()
         except AgentError as e:
             return refuse(str(e))
+        self._drop_stale(req.vm)
         if req.vm in agent.vms:
             return refuse(f"{agent.name} already runs a VM named {req.vm}")
         with contextlib.suppress(store.NotFound):
@@ -231,10 +233,14 @@ class IncomingMigrations:
 
     def switchover(self, req: agent_pb2.SwitchoverRequest,
                    context: grpc.ServicerContext) -> agent_pb2.SwitchoverReply:
-        t0 = time.monotonic()
+        """Last pages + state in; restore, commit in the store, run. On any
+        failure the guest is discarded here and the error says so."""
+        reply = agent_pb2.SwitchoverReply()
+        step = Stopwatch(reply.steps)
+        t_enter = step.last
         m = self._get(req.migration_id)
         with m.lock:
-            if m.phase != Phase.PREPARED or m.vm is None:
+            if m.phase != Phase.PREPARED or m.vm is None or m.memory is None:
                 raise AgentError(f"migration {m.id} is {m.phase.value}, not prepared")
             if req.pages_sent != m.pages_received or req.chunks_sent != m.chunks_received:
                 why = (f"memory went missing: the source sent {req.chunks_sent} chunks "
@@ -248,31 +254,84 @@ class IncomingMigrations:
                 self._discard_locked(m, why)
                 raise AgentError(why, grpc.StatusCode.INVALID_ARGUMENT)
             try:
+                decoder = pages.Decoder(m.memory.map, m.layout, fd=m.memory.fd, fresh=False)
+                for chunk in req.last_pages:
+                    decoder.apply(chunk)
+                decoder.close()
+                step("last_pages")
                 state = translate.translate(req.state, versions.STATE_VERSION_MAX)
-                if m.memory is not None:
-                    m.memory.close()
-                    m.memory = None
-                m.vm.client.restore(state, migration_id=m.id)
-                if req.console_tail:
-                    m.vm.client.seed_console(req.console_tail)
-            except (VmmError, translate.NotExpressible) as e:
-                self._discard_locked(m, f"restore failed: {e}")
-                raise AgentError(f"the destination could not restore the state: {e}") from None
+                m.memory.close()
+                m.memory = None
+                m.vm.client.restore(state, migration_id=m.id, console_history=req.console_tail)
+                step("restore")
+            except (pages.BadChunk, VmmError, translate.NotExpressible) as e:
+                self._discard_locked(m, f"switchover failed: {e}")
+                code = grpc.StatusCode.DATA_LOSS if isinstance(e, pages.BadChunk) else \
+                    grpc.StatusCode.FAILED_PRECONDITION
+                raise AgentError(f"the destination could not take the state: {e}", code) \
+                    from None
             m.phase = Phase.SWITCHED
             m.switched_at = time.monotonic()
-        return agent_pb2.SwitchoverReply(restore_ms=(time.monotonic() - t0) * 1000)
+            self._commit_locked(m)
+            step("store_commit")
+            self._run_locked(m)
+            step("resume")
+        reply.committed = True
+        reply.steps["total"] = (time.monotonic() - t_enter) * 1000
+        threading.Thread(target=self.agent._update_info, daemon=True).start()
+        return reply
 
-    def commit(self, req: agent_pb2.CommitRequest,
-               context: grpc.ServicerContext) -> agent_pb2.CommitReply:
-        t0 = time.monotonic()
-        m = self._get(req.migration_id)
-        with m.lock:
-            if m.phase == Phase.RUNNING:
-                return agent_pb2.CommitReply()
-            if m.phase != Phase.SWITCHED:
-                raise AgentError(f"migration {m.id} is {m.phase.value}, not switched over")
-            self._run_if_committed(m)
-        return agent_pb2.CommitReply(resume_ms=(time.monotonic() - t0) * 1000)
+    def _commit_locked(self, m: Incoming) -> None:
+        """The compare-and-swap that moves the guest here; exactly one of it
+        and the source's abort can succeed."""
+        st = self.agent.store
+        try:
+            st.commit_migration(m.vm_name, m.id)
+            return
+        except store.StoreUnavailable:
+            # The answer may be lost, not the commit: find out which.
+            mig = None
+            with contextlib.suppress(store.StoreError):
+                mig = st.get_migration(m.vm_name)
+            if mig is not None and mig.migration_id == m.id and \
+                    mig.state == store.MigrationState.COMMITTED:
+                return
+            won_abort = False
+            with contextlib.suppress(store.StoreError):
+                won_abort = st.abort_migration(m.vm_name, m.id)
+            if not won_abort:
+                mig = st.get_migration(m.vm_name)   # let StoreUnavailable escape: unknown
+                if mig is not None and mig.state == store.MigrationState.COMMITTED:
+                    return
+            self._discard_locked(m, "the cluster store could not record the move")
+            raise AgentError("the cluster store could not record the move; the guest stays "
+                             "at the source", grpc.StatusCode.UNAVAILABLE) from None
+        except store.StoreError as e:
+            self._discard_locked(m, f"commit refused: {e}")
+            raise AgentError(f"the cluster store refused the move: {e}",
+                             grpc.StatusCode.ABORTED) from None
+
+    def _run_locked(self, m: Incoming) -> None:
+        """Resume the committed guest here; if that fails, give it back."""
+        vm = m.vm
+        assert vm is not None
+        try:
+            vm.client.resume()
+        except VmmError as e:
+            try:
+                self.agent.store.rollback_migration(m.vm_name, m.id)
+            except store.StoreError as se:
+                log.error("migration %s: cannot run the guest (%s) nor roll back (%s)",
+                          m.id, e, se)
+                raise AgentError(f"the destination could not resume the guest ({e}) and the "
+                                 f"store could not give it back ({se})") from None
+            self._discard_locked(m, f"resume failed: {e}")
+            raise AgentError(f"the destination could not resume the guest: {e}; the move "
+                             "was rolled back", grpc.StatusCode.ABORTED) from None
+        vm.incoming_migration = ""
+        self.agent.vms.replace(vm)
+        m.phase = Phase.RUNNING
+        log.info("migration %s committed: %s runs here", m.id, m.vm_name)
 
     def abort(self, migration_id: str, reason: str) -> None:
         with self._lock:
@@ -292,20 +351,7 @@ class IncomingMigrations:
         if mig is None or mig.migration_id != m.id or mig.state != store.MigrationState.COMMITTED:
             raise AgentError(f"migration {m.id} is not committed in the cluster store "
                              f"({mig.state if mig else 'no record'}); not running the guest")
-        vm = m.vm
-        assert vm is not None
-        try:
-            vm.client.resume()
-        except VmmError as e:
-            # We will never run it: say so, so the source can take the guest back.
-            self._discard_locked(m, f"resume failed: {e}")
-            raise AgentError(f"the destination could not resume the guest: {e}; "
-                             "it was discarded", grpc.StatusCode.ABORTED) from None
-        vm.incoming_migration = ""
-        self.agent.vms.replace(vm)
-        m.phase = Phase.RUNNING
-        self.agent._update_info()
-        log.info("migration %s committed: %s runs here", m.id, m.vm_name)
+        self._run_locked(m)
 
     def _discard(self, m: Incoming, why: str) -> None:
         with m.lock:
@@ -325,12 +371,37 @@ class IncomingMigrations:
                 self.agent.vms.destroy(m.vm, "incoming migration discarded")
             m.vm = None
 
+    def _drop_stale(self, vm_name: str) -> None:
+        """Discard a half-arrived copy of `vm_name` whose migration the store
+        no longer has as pending (the source gave up, maybe while unreachable)."""
+        with self._lock:
+            stale = [m for m in self._by_id.values() if m.vm_name == vm_name
+                     and m.phase in (Phase.NEGOTIATED, Phase.PREPARED)]
+        for m in stale:
+            self._discard_if_abandoned(m)
+
+    def _discard_if_abandoned(self, m: Incoming) -> None:
+        try:
+            mig = self.agent.store.get_migration(m.vm_name)
+        except store.StoreError:
+            return
+        if mig is None or mig.migration_id != m.id or mig.state in (
+                store.MigrationState.ABORTED, store.MigrationState.ROLLED_BACK):
+            self._discard(m, "the source abandoned the migration")
+
     def _watch(self) -> None:
-        """Settle migrations whose source went quiet."""
+        """Settle migrations whose source went quiet or gave up."""
+        polled = 0.0
         while not self._stop.wait(1.0):
             with self._lock:
                 items = list(self._by_id.values())
             now = time.monotonic()
+            if now - polled > 2.0:
+                polled = now
+                for m in items:
+                    if m.phase in (Phase.NEGOTIATED, Phase.PREPARED) and \
+                            now - m.last_activity > 2.0:
+                        self._discard_if_abandoned(m)
             for m in items:
                 waited_commit = (m.phase == Phase.SWITCHED
                                  and now - m.switched_at > COMMIT_WAIT_S)

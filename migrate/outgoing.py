@@ -35,6 +35,7 @@ from vmigrate.migrate import (
     versions,
 )
 from vmigrate.migrate.errors import AgentError, Cancelled, Refused
+from vmigrate.migrate.progress import Stopwatch
 from vmigrate.migrate.vms import LocalVm
 from vmigrate.proto import agent_pb2, agent_pb2_grpc
 from vmigrate.proto import state_pb2 as pb
@@ -52,6 +53,7 @@ COMMIT_CONFIRM_S = 60.0
 DEFAULT_STREAMS = 2
 CONSOLE_TAIL = 64 << 10
 BLOCK_WORDS = 4                   # 256 pages: the unit streams share work in
+INLINE_PAGES_MAX = 4096           # last pages up to 16 MiB travel inside the switchover
 
 
 def split_bitmap(bitmap: np.ndarray, n: int) -> list[np.ndarray]:
@@ -132,24 +134,31 @@ class NetworkSink:
                 tick: precopy.Tick, results: list[object]) -> None:
         local = pages.Counts()
         sent = [0]
+        stopped: list[BaseException] = []
 
         def batches() -> Iterator[agent_pb2.MemoryBatch]:
-            for chunks in self.encoders[i].batches(bitmap, local, skip_zero=skip_zero):
-                size = sum(len(c.data) for c in chunks)
-                self.limit.take(size)
-                sent[0] += size + 16 * len(chunks)
-                with self._lock:
-                    self.chunks_sent += len(chunks)
-                    self.pages_sent += sum(c.page_count for c in chunks)
-                    self.counts.add(local)
-                    local.__init__()
-                yield agent_pb2.MemoryBatch(migration_id=self.id, round=round_, chunks=chunks)
-                tick()
+            # gRPC swallows exceptions raised here, so a cancel or timeout ends
+            # the stream quietly and is re-raised below.
+            try:
+                for chunks in self.encoders[i].batches(bitmap, local, skip_zero=skip_zero):
+                    size = sum(len(c.data) for c in chunks)
+                    self.limit.take(size)
+                    sent[0] += size + 16 * len(chunks)
+                    with self._lock:
+                        self.chunks_sent += len(chunks)
+                        self.pages_sent += sum(c.page_count for c in chunks)
+                        self.counts.add(local)
+                        local.__init__()
+                    yield agent_pb2.MemoryBatch(migration_id=self.id, round=round_,
+                                                chunks=chunks)
+                    tick()
+            except Exception as e:
+                stopped.append(e)
         try:
             self.stub.ReceiveMemory(batches(), timeout=STREAM_TIMEOUT_S)
-            results[i] = sent[0]
+            results[i] = stopped[0] if stopped else sent[0]
         except grpc.RpcError as e:
-            results[i] = channels.rpc_error("memory stream", e)
+            results[i] = stopped[0] if stopped else channels.rpc_error("memory stream", e)
         except BaseException as e:
             results[i] = e
         finally:
@@ -268,23 +277,22 @@ class Migration:
             # ---- stop-and-copy
             self.emit(agent_pb2.Progress(phase="stop-and-copy", round=len(pc.rounds),
                                          bytes_remaining=pages.count_pages(last) * pages.PAGE))
+            pre_console, console_end = vm.client.console_tail(CONSOLE_TAIL)
             self.paused_at = time.monotonic()
-            self.report.pause_ms = vm.client.pause()
-            final = np.bitwise_or(last, vm.client.fetch_dirty_log())
-            pc.send_round(len(pc.rounds), final, skip_zero=False)
-            state = translate.translate(vm.client.save(), version)
-            console = b"".join(vm.client.console_read(tail_bytes=CONSOLE_TAIL))
-            vm.client.stop_dirty_log()
-            dirty_on = False
-            pc.release_throttle()
-            t_sw = time.monotonic()
-            self._call("switchover", self.stub.Switchover, agent_pb2.SwitchoverRequest(
+            step = Stopwatch(self.report.downtime_steps)
+            paused = vm.client.pause_and_save("migration", console_from=console_end)
+            self.report.pause_ms = paused.pause_ms
+            step("pause_and_save")
+            final = np.bitwise_or(last, np.frombuffer(paused.dirty_bitmap, dtype=np.uint64))
+            inline = self._last_pages(pc, sink, encoders[0], final)
+            step("last_pages")
+            state = translate.translate(paused.state, version)
+            console = (pre_console + paused.console)[-CONSOLE_TAIL:]
+            # The destination restores, commits the move in the store (the one
+            # compare-and-swap that decides where the guest lives) and runs it.
+            self._switchover(agent_pb2.SwitchoverRequest(
                 migration_id=self.id, state=state, pages_sent=sink.pages_sent,
-                chunks_sent=sink.chunks_sent, console_tail=console))
-            self.report.switchover_ms = self._ms(t_sw)
-
-            # ---- commit: one compare-and-swap decides where the guest lives
-            self._commit()
+                chunks_sent=sink.chunks_sent, console_tail=console, last_pages=inline), step)
             self.report.downtime_ms = self._ms(self.paused_at)
             self.report.outcome = "completed"
             self._fill(pc, sink.counts)
@@ -366,40 +374,51 @@ class Migration:
         self.report.compression = "zstd (auto)" if decision else "raw (auto)"
         return decision
 
-    def _commit(self) -> None:
-        st = self.agent.store
+    def _last_pages(self, pc: precopy.Precopy, sink: NetworkSink, encoder: pages.Encoder,
+                    final: np.ndarray) -> list[pb.MemoryChunk]:
+        """The pages dirtied since the last round: inline in the switchover when
+        they are few (no stream set-up on the downtime path), streamed if not."""
+        n = pages.count_pages(final)
+        if n > INLINE_PAGES_MAX:
+            pc.send_round(len(pc.rounds), final, skip_zero=False)
+            return []
+        t0 = time.monotonic()
+        chunks: list[pb.MemoryChunk] = []
+        for batch in encoder.batches(final, sink.counts, skip_zero=False):
+            chunks.extend(batch)
+        size = sum(len(c.data) + 24 for c in chunks)
+        pc.bytes_sent += size
+        pc.rounds.append(precopy.RoundResult(len(pc.rounds), n, size,
+                                             time.monotonic() - t0, 0.0, pc.throttle))
+        return chunks
+
+    def _switchover(self, request: agent_pb2.SwitchoverRequest, step: Stopwatch) -> None:
         try:
-            st.commit_migration(self.vm.name, self.id)
-        except store.StoreUnavailable:
-            # The answer was lost, not necessarily the commit: read it back.
-            mig = _retry(lambda: st.get_migration(self.vm.name))
-            if mig is None or mig.migration_id != self.id or \
-                    mig.state != store.MigrationState.COMMITTED:
-                raise
-        self.committed = True
-        t = time.monotonic()
-        try:
-            self._call("commit", self.stub.Commit,
-                       agent_pb2.CommitRequest(migration_id=self.id), timeout=10)
+            reply = self._call("switchover", self.stub.Switchover, request)
+            self.committed = bool(reply.committed)
+            self.report.switchover_ms = step("switchover")
+            for k, v in reply.steps.items():
+                self.report.downtime_steps[f"destination_{k}"] = v
             return
         except AgentError as e:
-            if "discarded" in str(e):
-                # The destination could not run it and will not: take it back.
-                st.rollback_migration(self.vm.name, self.id)
-                self.committed = False
-                raise AgentError(f"{self.dest} could not start the guest; it keeps running "
-                                 f"on {self.agent.name}: {e}") from None
             err = e
-        # No answer: the destination decides through the store on its own;
-        # wait until we know it runs the guest before destroying our copy.
+        # No usable answer: the store knows whether the destination committed.
+        mig = _retry(lambda: self.agent.store.get_migration(self.vm.name))
+        committed = (mig is not None and mig.migration_id == self.id  # type: ignore[union-attr]
+                     and mig.state == store.MigrationState.COMMITTED)  # type: ignore[union-attr]
+        if not committed:
+            raise err
+        self.committed = True
+        self.report.switchover_ms = step("switchover")
+        t = time.monotonic()
         while time.monotonic() - t < COMMIT_CONFIRM_S:
-            with contextlib.suppress(AgentError, grpc.RpcError):
+            with contextlib.suppress(grpc.RpcError):
                 info = self.stub.GetVm(agent_pb2.VmRef(name=self.vm.name), timeout=5)
                 if info.state in ("running", "paused"):
                     return
             time.sleep(0.5)
-        raise AgentError(f"migration committed but {self.dest} did not confirm the guest runs "
-                         f"({err}); the paused source copy is kept until it does")
+        raise AgentError(f"the move was committed but {self.dest} did not confirm the guest "
+                         f"runs ({err}); the paused copy here is kept until it does")
 
     def _teardown_source(self) -> None:
         vm = self.vm
@@ -456,3 +475,35 @@ def _retry(fn: Callable, attempts: int = 5, delay: float = 0.5) -> object:
                 raise
             time.sleep(delay)
     return None
+
+
+def recover_source(agent: Agent, vm: LocalVm) -> None:
+    """After an agent restart: a guest this host paused for a migration that
+    the old agent never finished. The store says how it ended."""
+    try:
+        st = vm.status()
+    except VmmError:
+        return
+    if st.state != 3 or st.pause_reason != "migration":       # not PAUSED for a migration
+        return
+    mig = agent.store.get_migration(vm.name)
+    owner = agent.store.get_vm(vm.name).owner
+    pending = (mig is not None and mig.src == agent.name
+               and mig.state == store.MigrationState.PENDING)
+    if pending and not agent.store.abort_migration(vm.name, mig.migration_id):
+        mig = agent.store.get_migration(vm.name)
+        owner = agent.store.get_vm(vm.name).owner
+    if owner != agent.name:
+        log.info("%s moved to %s while this agent was away: removing the old copy",
+                 vm.name, owner)
+        agent.vms.destroy(vm, f"migrated to {owner}")
+        if mig is not None:
+            with contextlib.suppress(store.StoreError):
+                agent.store.finish_migration(vm.name, mig.migration_id)
+        return
+    log.info("%s stayed here (migration %s): resuming it", vm.name,
+             mig.state if mig else "gone")
+    if mig is not None:
+        with contextlib.suppress(store.StoreError):
+            agent.store.finish_migration(vm.name, mig.migration_id)
+    vm.client.resume()

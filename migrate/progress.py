@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterator, MutableMapping
 
 from vmigrate.proto import agent_pb2
 
@@ -50,3 +51,18 @@ def relay(operation: Callable[[Emit], agent_pb2.Progress],
     if "error" in outcome:
         raise outcome["error"]  # type: ignore[misc]
     yield outcome["final"]  # type: ignore[misc]
+
+
+class Stopwatch:
+    """Records, under a name, the milliseconds since its previous call."""
+
+    def __init__(self, into: MutableMapping[str, float]) -> None:
+        self.into = into
+        self.last = time.monotonic()
+
+    def __call__(self, name: str) -> float:
+        now = time.monotonic()
+        ms = (now - self.last) * 1000
+        self.into[name] = ms
+        self.last = now
+        return ms

@@ -190,7 +190,14 @@ class RoundStats(_message.Message):
     def __init__(self, round: _Optional[int] = ..., pages: _Optional[int] = ..., bytes_on_wire: _Optional[int] = ..., duration_ms: _Optional[float] = ..., dirty_pages_per_s: _Optional[float] = ..., throttle_percent: _Optional[int] = ...) -> None: ...
 
 class MigrationReport(_message.Message):
-    __slots__ = ("migration_id", "vm", "source", "destination", "outcome", "total_ms", "downtime_ms", "bytes_on_wire", "guest_bytes", "pages_zero", "pages_raw", "pages_compressed", "rounds", "compression", "max_throttle_percent", "state_version", "detail", "setup_ms", "pause_ms", "switchover_ms", "streams")
+    __slots__ = ("migration_id", "vm", "source", "destination", "outcome", "total_ms", "downtime_ms", "bytes_on_wire", "guest_bytes", "pages_zero", "pages_raw", "pages_compressed", "rounds", "compression", "max_throttle_percent", "state_version", "detail", "setup_ms", "pause_ms", "switchover_ms", "streams", "downtime_steps")
+    class DowntimeStepsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
     VM_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
@@ -212,6 +219,7 @@ class MigrationReport(_message.Message):
     PAUSE_MS_FIELD_NUMBER: _ClassVar[int]
     SWITCHOVER_MS_FIELD_NUMBER: _ClassVar[int]
     STREAMS_FIELD_NUMBER: _ClassVar[int]
+    DOWNTIME_STEPS_FIELD_NUMBER: _ClassVar[int]
     migration_id: str
     vm: str
     source: str
@@ -233,7 +241,8 @@ class MigrationReport(_message.Message):
     pause_ms: float
     switchover_ms: float
     streams: int
-    def __init__(self, migration_id: _Optional[str] = ..., vm: _Optional[str] = ..., source: _Optional[str] = ..., destination: _Optional[str] = ..., outcome: _Optional[str] = ..., total_ms: _Optional[float] = ..., downtime_ms: _Optional[float] = ..., bytes_on_wire: _Optional[int] = ..., guest_bytes: _Optional[int] = ..., pages_zero: _Optional[int] = ..., pages_raw: _Optional[int] = ..., pages_compressed: _Optional[int] = ..., rounds: _Optional[_Iterable[_Union[RoundStats, _Mapping]]] = ..., compression: _Optional[str] = ..., max_throttle_percent: _Optional[int] = ..., state_version: _Optional[int] = ..., detail: _Optional[str] = ..., setup_ms: _Optional[float] = ..., pause_ms: _Optional[float] = ..., switchover_ms: _Optional[float] = ..., streams: _Optional[int] = ...) -> None: ...
+    downtime_steps: _containers.ScalarMap[str, float]
+    def __init__(self, migration_id: _Optional[str] = ..., vm: _Optional[str] = ..., source: _Optional[str] = ..., destination: _Optional[str] = ..., outcome: _Optional[str] = ..., total_ms: _Optional[float] = ..., downtime_ms: _Optional[float] = ..., bytes_on_wire: _Optional[int] = ..., guest_bytes: _Optional[int] = ..., pages_zero: _Optional[int] = ..., pages_raw: _Optional[int] = ..., pages_compressed: _Optional[int] = ..., rounds: _Optional[_Iterable[_Union[RoundStats, _Mapping]]] = ..., compression: _Optional[str] = ..., max_throttle_percent: _Optional[int] = ..., state_version: _Optional[int] = ..., detail: _Optional[str] = ..., setup_ms: _Optional[float] = ..., pause_ms: _Optional[float] = ..., switchover_ms: _Optional[float] = ..., streams: _Optional[int] = ..., downtime_steps: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class CheckpointReport(_message.Message):
     __slots__ = ("path", "file_bytes", "pages_zero", "pages_raw", "pages_compressed", "pages_unchanged", "pause_ms", "total_ms", "rounds", "state_version", "vm", "restore_ms", "first_instruction_ms")
@@ -386,36 +395,35 @@ class MemoryAck(_message.Message):
     def __init__(self, pages: _Optional[int] = ..., bytes: _Optional[int] = ...) -> None: ...
 
 class SwitchoverRequest(_message.Message):
-    __slots__ = ("migration_id", "state", "pages_sent", "chunks_sent", "console_tail")
+    __slots__ = ("migration_id", "state", "pages_sent", "chunks_sent", "console_tail", "last_pages")
     MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     PAGES_SENT_FIELD_NUMBER: _ClassVar[int]
     CHUNKS_SENT_FIELD_NUMBER: _ClassVar[int]
     CONSOLE_TAIL_FIELD_NUMBER: _ClassVar[int]
+    LAST_PAGES_FIELD_NUMBER: _ClassVar[int]
     migration_id: str
     state: _state_pb2.VmState
     pages_sent: int
     chunks_sent: int
     console_tail: bytes
-    def __init__(self, migration_id: _Optional[str] = ..., state: _Optional[_Union[_state_pb2.VmState, _Mapping]] = ..., pages_sent: _Optional[int] = ..., chunks_sent: _Optional[int] = ..., console_tail: _Optional[bytes] = ...) -> None: ...
+    last_pages: _containers.RepeatedCompositeFieldContainer[_state_pb2.MemoryChunk]
+    def __init__(self, migration_id: _Optional[str] = ..., state: _Optional[_Union[_state_pb2.VmState, _Mapping]] = ..., pages_sent: _Optional[int] = ..., chunks_sent: _Optional[int] = ..., console_tail: _Optional[bytes] = ..., last_pages: _Optional[_Iterable[_Union[_state_pb2.MemoryChunk, _Mapping]]] = ...) -> None: ...
 
 class SwitchoverReply(_message.Message):
-    __slots__ = ("restore_ms",)
-    RESTORE_MS_FIELD_NUMBER: _ClassVar[int]
-    restore_ms: float
-    def __init__(self, restore_ms: _Optional[float] = ...) -> None: ...
-
-class CommitRequest(_message.Message):
-    __slots__ = ("migration_id",)
-    MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
-    migration_id: str
-    def __init__(self, migration_id: _Optional[str] = ...) -> None: ...
-
-class CommitReply(_message.Message):
-    __slots__ = ("resume_ms",)
-    RESUME_MS_FIELD_NUMBER: _ClassVar[int]
-    resume_ms: float
-    def __init__(self, resume_ms: _Optional[float] = ...) -> None: ...
+    __slots__ = ("committed", "steps")
+    class StepsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    COMMITTED_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    committed: bool
+    steps: _containers.ScalarMap[str, float]
+    def __init__(self, committed: _Optional[bool] = ..., steps: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class AbortRequest(_message.Message):
     __slots__ = ("migration_id", "reason")

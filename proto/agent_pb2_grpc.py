@@ -129,11 +129,6 @@ class AgentStub:
                 request_serializer=vmigrate_dot_proto_dot_agent__pb2.SwitchoverRequest.SerializeToString,
                 response_deserializer=vmigrate_dot_proto_dot_agent__pb2.SwitchoverReply.FromString,
                 _registered_method=True)
-        self.Commit = channel.unary_unary(
-                '/vmigrate.v1.Agent/Commit',
-                request_serializer=vmigrate_dot_proto_dot_agent__pb2.CommitRequest.SerializeToString,
-                response_deserializer=vmigrate_dot_proto_dot_agent__pb2.CommitReply.FromString,
-                _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/vmigrate.v1.Agent/Abort',
                 request_serializer=vmigrate_dot_proto_dot_agent__pb2.AbortRequest.SerializeToString,
@@ -255,13 +250,9 @@ class AgentServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Switchover(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def Commit(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The guest is paused at the source: last pages + state; the destination
+        restores, commits the move in the cluster store and runs the guest.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -369,11 +360,6 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.Switchover,
                     request_deserializer=vmigrate_dot_proto_dot_agent__pb2.SwitchoverRequest.FromString,
                     response_serializer=vmigrate_dot_proto_dot_agent__pb2.SwitchoverReply.SerializeToString,
-            ),
-            'Commit': grpc.unary_unary_rpc_method_handler(
-                    servicer.Commit,
-                    request_deserializer=vmigrate_dot_proto_dot_agent__pb2.CommitRequest.FromString,
-                    response_serializer=vmigrate_dot_proto_dot_agent__pb2.CommitReply.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
@@ -894,33 +880,6 @@ class Agent:
             '/vmigrate.v1.Agent/Switchover',
             vmigrate_dot_proto_dot_agent__pb2.SwitchoverRequest.SerializeToString,
             vmigrate_dot_proto_dot_agent__pb2.SwitchoverReply.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Commit(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/vmigrate.v1.Agent/Commit',
-            vmigrate_dot_proto_dot_agent__pb2.CommitRequest.SerializeToString,
-            vmigrate_dot_proto_dot_agent__pb2.CommitReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -12,7 +12,7 @@ class Empty(_message.Message):
     def __init__(self) -> None: ...
 
 class VmmStatus(_message.Message):
-    __slots__ = ("name", "state", "pid", "config", "detail", "exits", "uptime_s", "throttle_percent", "awaiting_commit", "migration_id")
+    __slots__ = ("name", "state", "pid", "config", "detail", "exits", "uptime_s", "throttle_percent", "awaiting_commit", "migration_id", "pause_reason", "console_end")
     class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATE_UNSPECIFIED: _ClassVar[VmmStatus.State]
@@ -37,6 +37,8 @@ class VmmStatus(_message.Message):
     THROTTLE_PERCENT_FIELD_NUMBER: _ClassVar[int]
     AWAITING_COMMIT_FIELD_NUMBER: _ClassVar[int]
     MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
+    PAUSE_REASON_FIELD_NUMBER: _ClassVar[int]
+    CONSOLE_END_FIELD_NUMBER: _ClassVar[int]
     name: str
     state: VmmStatus.State
     pid: int
@@ -47,21 +49,49 @@ class VmmStatus(_message.Message):
     throttle_percent: int
     awaiting_commit: bool
     migration_id: str
-    def __init__(self, name: _Optional[str] = ..., state: _Optional[_Union[VmmStatus.State, str]] = ..., pid: _Optional[int] = ..., config: _Optional[_Union[_state_pb2.VmConfig, _Mapping]] = ..., detail: _Optional[str] = ..., exits: _Optional[int] = ..., uptime_s: _Optional[float] = ..., throttle_percent: _Optional[int] = ..., awaiting_commit: _Optional[bool] = ..., migration_id: _Optional[str] = ...) -> None: ...
+    pause_reason: str
+    console_end: int
+    def __init__(self, name: _Optional[str] = ..., state: _Optional[_Union[VmmStatus.State, str]] = ..., pid: _Optional[int] = ..., config: _Optional[_Union[_state_pb2.VmConfig, _Mapping]] = ..., detail: _Optional[str] = ..., exits: _Optional[int] = ..., uptime_s: _Optional[float] = ..., throttle_percent: _Optional[int] = ..., awaiting_commit: _Optional[bool] = ..., migration_id: _Optional[str] = ..., pause_reason: _Optional[str] = ..., console_end: _Optional[int] = ...) -> None: ...
 
 class RestoreRequest(_message.Message):
-    __slots__ = ("state", "migration_id")
+    __slots__ = ("state", "migration_id", "console_history")
     STATE_FIELD_NUMBER: _ClassVar[int]
     MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
+    CONSOLE_HISTORY_FIELD_NUMBER: _ClassVar[int]
     state: _state_pb2.VmState
     migration_id: str
-    def __init__(self, state: _Optional[_Union[_state_pb2.VmState, _Mapping]] = ..., migration_id: _Optional[str] = ...) -> None: ...
+    console_history: bytes
+    def __init__(self, state: _Optional[_Union[_state_pb2.VmState, _Mapping]] = ..., migration_id: _Optional[str] = ..., console_history: _Optional[bytes] = ...) -> None: ...
+
+class PauseRequest(_message.Message):
+    __slots__ = ("reason", "fetch_dirty_log", "save", "console", "console_from")
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    FETCH_DIRTY_LOG_FIELD_NUMBER: _ClassVar[int]
+    SAVE_FIELD_NUMBER: _ClassVar[int]
+    CONSOLE_FIELD_NUMBER: _ClassVar[int]
+    CONSOLE_FROM_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    fetch_dirty_log: bool
+    save: bool
+    console: bool
+    console_from: int
+    def __init__(self, reason: _Optional[str] = ..., fetch_dirty_log: _Optional[bool] = ..., save: _Optional[bool] = ..., console: _Optional[bool] = ..., console_from: _Optional[int] = ...) -> None: ...
 
 class PauseReply(_message.Message):
-    __slots__ = ("pause_ms",)
+    __slots__ = ("pause_ms", "dirty_bitmap", "state", "console", "console_end", "save_ms")
     PAUSE_MS_FIELD_NUMBER: _ClassVar[int]
+    DIRTY_BITMAP_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    CONSOLE_FIELD_NUMBER: _ClassVar[int]
+    CONSOLE_END_FIELD_NUMBER: _ClassVar[int]
+    SAVE_MS_FIELD_NUMBER: _ClassVar[int]
     pause_ms: float
-    def __init__(self, pause_ms: _Optional[float] = ...) -> None: ...
+    dirty_bitmap: bytes
+    state: _state_pb2.VmState
+    console: bytes
+    console_end: int
+    save_ms: float
+    def __init__(self, pause_ms: _Optional[float] = ..., dirty_bitmap: _Optional[bytes] = ..., state: _Optional[_Union[_state_pb2.VmState, _Mapping]] = ..., console: _Optional[bytes] = ..., console_end: _Optional[int] = ..., save_ms: _Optional[float] = ...) -> None: ...
 
 class MemoryInfo(_message.Message):
     __slots__ = ("path", "size", "layout")
@@ -114,10 +144,12 @@ class ConsoleReadRequest(_message.Message):
     def __init__(self, follow: _Optional[bool] = ..., tail_bytes: _Optional[int] = ...) -> None: ...
 
 class ConsoleData(_message.Message):
-    __slots__ = ("data",)
+    __slots__ = ("data", "end_offset")
     DATA_FIELD_NUMBER: _ClassVar[int]
+    END_OFFSET_FIELD_NUMBER: _ClassVar[int]
     data: bytes
-    def __init__(self, data: _Optional[bytes] = ...) -> None: ...
+    end_offset: int
+    def __init__(self, data: _Optional[bytes] = ..., end_offset: _Optional[int] = ...) -> None: ...
 
 class ShutdownRequest(_message.Message):
     __slots__ = ("reason",)

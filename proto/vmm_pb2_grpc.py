@@ -52,7 +52,7 @@ class VmmStub:
                 _registered_method=True)
         self.Pause = channel.unary_unary(
                 '/vmigrate.vmm.v1.Vmm/Pause',
-                request_serializer=vmigrate_dot_proto_dot_vmm__pb2.Empty.SerializeToString,
+                request_serializer=vmigrate_dot_proto_dot_vmm__pb2.PauseRequest.SerializeToString,
                 response_deserializer=vmigrate_dot_proto_dot_vmm__pb2.PauseReply.FromString,
                 _registered_method=True)
         self.Resume = channel.unary_unary(
@@ -90,11 +90,6 @@ class VmmStub:
                 request_serializer=vmigrate_dot_proto_dot_vmm__pb2.ConsoleData.SerializeToString,
                 response_deserializer=vmigrate_dot_proto_dot_vmm__pb2.Empty.FromString,
                 _registered_method=True)
-        self.SeedConsole = channel.unary_unary(
-                '/vmigrate.vmm.v1.Vmm/SeedConsole',
-                request_serializer=vmigrate_dot_proto_dot_vmm__pb2.ConsoleData.SerializeToString,
-                response_deserializer=vmigrate_dot_proto_dot_vmm__pb2.Empty.FromString,
-                _registered_method=True)
         self.Shutdown = channel.unary_unary(
                 '/vmigrate.vmm.v1.Vmm/Shutdown',
                 request_serializer=vmigrate_dot_proto_dot_vmm__pb2.ShutdownRequest.SerializeToString,
@@ -126,7 +121,10 @@ class VmmServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Pause(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Stop every vCPU; optionally, in the same call (it is on the downtime
+        path of a migration), fetch the dirty log, save the state and return
+        the console output since a given offset.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -174,14 +172,6 @@ class VmmServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def SeedConsole(self, request, context):
-        """Console history that came with the guest (a migration), placed before
-        anything this VMM's guest printed.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
     def Shutdown(self, request, context):
         """Stop the guest and exit the process.
         """
@@ -209,7 +199,7 @@ def add_VmmServicer_to_server(servicer, server):
             ),
             'Pause': grpc.unary_unary_rpc_method_handler(
                     servicer.Pause,
-                    request_deserializer=vmigrate_dot_proto_dot_vmm__pb2.Empty.FromString,
+                    request_deserializer=vmigrate_dot_proto_dot_vmm__pb2.PauseRequest.FromString,
                     response_serializer=vmigrate_dot_proto_dot_vmm__pb2.PauseReply.SerializeToString,
             ),
             'Resume': grpc.unary_unary_rpc_method_handler(
@@ -244,11 +234,6 @@ def add_VmmServicer_to_server(servicer, server):
             ),
             'ConsoleWrite': grpc.unary_unary_rpc_method_handler(
                     servicer.ConsoleWrite,
-                    request_deserializer=vmigrate_dot_proto_dot_vmm__pb2.ConsoleData.FromString,
-                    response_serializer=vmigrate_dot_proto_dot_vmm__pb2.Empty.SerializeToString,
-            ),
-            'SeedConsole': grpc.unary_unary_rpc_method_handler(
-                    servicer.SeedConsole,
                     request_deserializer=vmigrate_dot_proto_dot_vmm__pb2.ConsoleData.FromString,
                     response_serializer=vmigrate_dot_proto_dot_vmm__pb2.Empty.SerializeToString,
             ),
@@ -364,7 +349,7 @@ class Vmm:
             request,
             target,
             '/vmigrate.vmm.v1.Vmm/Pause',
-            vmigrate_dot_proto_dot_vmm__pb2.Empty.SerializeToString,
+            vmigrate_dot_proto_dot_vmm__pb2.PauseRequest.SerializeToString,
             vmigrate_dot_proto_dot_vmm__pb2.PauseReply.FromString,
             options,
             channel_credentials,
@@ -553,33 +538,6 @@ class Vmm:
             request,
             target,
             '/vmigrate.vmm.v1.Vmm/ConsoleWrite',
-            vmigrate_dot_proto_dot_vmm__pb2.ConsoleData.SerializeToString,
-            vmigrate_dot_proto_dot_vmm__pb2.Empty.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def SeedConsole(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/vmigrate.vmm.v1.Vmm/SeedConsole',
             vmigrate_dot_proto_dot_vmm__pb2.ConsoleData.SerializeToString,
             vmigrate_dot_proto_dot_vmm__pb2.Empty.FromString,
             options,

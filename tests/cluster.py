@@ -8,6 +8,7 @@ or make lossy.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -84,3 +85,64 @@ class LocalCluster(ClusterBase):
 
     def close(self) -> None:
         self.run("down", check=False, timeout=120)
+
+
+class NetnsCluster(ClusterBase):
+    """Agents host1..hostN, each in its own network namespace with its own
+    address, sharing a SQLite (or given) store; the CLI talks to them over the
+    namespaces' bridge with mutual TLS, exactly as `vmigrate up` sets it up."""
+
+    def __init__(self, home: Path, hosts: int = 2, store: str | None = None) -> None:
+        from tests.netns import Network
+        from vmigrate.cli.cluster import agent_argv, start_agent
+        from vmigrate.cli.context import ClusterConfig
+        from vmigrate.migrate import pki
+
+        self.home = home
+        self.net = Network()
+        self.net.start()
+        cdir = home / "cluster"
+        cdir.mkdir(parents=True)
+        pki_dir = cdir / "pki"
+        pki.create_ca(pki_dir, "test")
+        pki.issue_certificate(pki_dir, "client", "admin", pki_dir)
+        self.cfg = ClusterConfig(store_url=store or f"sqlite:///{cdir / 'cluster.db'}",
+                                 pki_dir=str(pki_dir))
+        self.hosts = {}
+        try:
+            for i in range(1, hosts + 1):
+                name = f"host{i}"
+                h = self.net.add_host(name)
+                state_dir = cdir / "hosts" / name
+                tls = state_dir / "tls"
+                pki.issue_certificate(pki_dir, "agent", name, tls, hosts=[h.ip])
+                self.hosts[name] = h
+                self._argv = agent_argv
+                start_agent(agent_argv(name, f"{h.ip}:7070", state_dir, self.cfg.store_url, tls),
+                            state_dir, netns_argv=h.netns_argv([]))
+                self.cfg.hosts.append(name)
+            self.cfg.save(cdir / "cluster.json")
+        except BaseException:
+            self.close()
+            raise
+
+    def restart_agent(self, name: str) -> None:
+        from vmigrate.cli.cluster import agent_argv, start_agent
+
+        h = self.hosts[name]
+        state_dir = self.home / "cluster" / "hosts" / name
+        start_agent(agent_argv(name, f"{h.ip}:7070", state_dir, self.cfg.store_url,
+                               state_dir / "tls"), state_dir, netns_argv=h.netns_argv([]))
+
+    def agent_pid(self, name: str) -> int:
+        return int(json.loads((self.home / "cluster" / "hosts" / name / "agent.json")
+                              .read_text())["pid"])
+
+    def close(self) -> None:
+        try:
+            for h in self.hosts.values():
+                with contextlib.suppress(Exception):
+                    h.clear_faults()
+            self.run("down", check=False, timeout=120)
+        finally:
+            self.net.close()

@@ -276,7 +276,7 @@ def test_future_format_and_state_versions(good_file, tmp_path):
 def test_required_feature_this_build_lacks(good_file, tmp_path):
     frames = _replace(_frames(good_file), snapfile.HEADER,
                       _header_with(required_features=["dev.virtio-net"]))
-    with pytest.raises(snapfile.Unsupported, match="dev.virtio-net"):
+    with pytest.raises(snapfile.Unsupported, match=r"dev\.virtio-net"):
         _read_all(_write(tmp_path / "feat", frames))
 
 
@@ -318,7 +318,7 @@ def test_decompression_bombs(good_file, tmp_path):
         map = mem
         fd = None
 
-    with pytest.raises(snapfile.Corrupt, match="larger than its pages|decompress"):
+    with pytest.raises(snapfile.Corrupt, match=r"larger than its pages|decompress"):
         checkpoint.apply_memory(chain, Mem, layout)  # type: ignore[arg-type]
     # a record whose length field claims 4 GiB is refused before anything is read
     data = bytearray(good_file.read_bytes())

@@ -60,12 +60,20 @@ class VmmClient:
     def boot(self) -> vmm_pb2.VmmStatus:
         return self._call("boot", "Boot", vmm_pb2.Empty())
 
-    def restore(self, state: pb.VmState, migration_id: str = "") -> vmm_pb2.VmmStatus:
-        return self._call("restore", "Restore",
-                          vmm_pb2.RestoreRequest(state=state, migration_id=migration_id))
+    def restore(self, state: pb.VmState, migration_id: str = "",
+                console_history: bytes = b"") -> vmm_pb2.VmmStatus:
+        return self._call("restore", "Restore", vmm_pb2.RestoreRequest(
+            state=state, migration_id=migration_id, console_history=console_history))
 
-    def pause(self) -> float:
-        return self._call("pause", "Pause", vmm_pb2.Empty()).pause_ms
+    def pause(self, reason: str = "user") -> float:
+        return self._call("pause", "Pause", vmm_pb2.PauseRequest(reason=reason)).pause_ms
+
+    def pause_and_save(self, reason: str, console_from: int | None = None) -> vmm_pb2.PauseReply:
+        """Pause, fetch the dirty log and save the state in one call (the
+        downtime path); with console_from, also the console output since then."""
+        return self._call("pause", "Pause", vmm_pb2.PauseRequest(
+            reason=reason, fetch_dirty_log=True, save=True, console=console_from is not None,
+            console_from=console_from or 0))
 
     def resume(self) -> vmm_pb2.VmmStatus:
         return self._call("resume", "Resume", vmm_pb2.Empty())
@@ -95,11 +103,23 @@ class VmmClient:
 
     def console_read(self, follow: bool = False, tail_bytes: int = 0,
                      timeout: float | None = None) -> Iterator[bytes]:
+        for data, _ in self.console_chunks(follow, tail_bytes, timeout):
+            yield data
+
+    def console_tail(self, tail_bytes: int) -> tuple[bytes, int]:
+        """The last `tail_bytes` of console output and the offset it ends at."""
+        data, end = b"", 0
+        for chunk, end in self.console_chunks(False, tail_bytes, 10):
+            data += chunk
+        return data, end
+
+    def console_chunks(self, follow: bool = False, tail_bytes: int = 0,
+                       timeout: float | None = None) -> Iterator[tuple[bytes, int]]:
         try:
             for chunk in self.stub.ConsoleRead(
                     vmm_pb2.ConsoleReadRequest(follow=follow, tail_bytes=tail_bytes),
                     timeout=timeout):
-                yield chunk.data
+                yield chunk.data, chunk.end_offset
         except grpc.RpcError as e:
             if e.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED):
                 return
@@ -107,9 +127,6 @@ class VmmClient:
 
     def console_write(self, data: bytes) -> None:
         self._call("console", "ConsoleWrite", vmm_pb2.ConsoleData(data=data))
-
-    def seed_console(self, data: bytes) -> None:
-        self._call("console", "SeedConsole", vmm_pb2.ConsoleData(data=data))
 
     def shutdown(self, reason: str = "stopped") -> None:
         with contextlib.suppress(VmmError):

@@ -62,6 +62,7 @@ class VmmService(vmm_pb2_grpc.VmmServicer):
         self.done = done
         self.awaiting_commit = False
         self.migration_id = ""
+        self.pause_reason = ""
 
     def _status(self) -> vmm_pb2.VmmStatus:
         m = self.m
@@ -70,7 +71,9 @@ class VmmService(vmm_pb2_grpc.VmmServicer):
         return vmm_pb2.VmmStatus(
             name=m.config.name, state=_STATES[m.state], pid=os.getpid(), config=m.config,
             detail=m.detail, exits=m.exits, uptime_s=uptime, throttle_percent=m.throttle_percent,
-            awaiting_commit=self.awaiting_commit, migration_id=self.migration_id)
+            awaiting_commit=self.awaiting_commit, migration_id=self.migration_id,
+            pause_reason=self.pause_reason if m.state == MachineState.PAUSED else "",
+            console_end=m.console.end)
 
     def _fail(self, context: grpc.ServicerContext, e: Exception,
               code: grpc.StatusCode = grpc.StatusCode.FAILED_PRECONDITION) -> None:
@@ -100,14 +103,30 @@ class VmmService(vmm_pb2_grpc.VmmServicer):
             self.m.restore(request.state)
         except (MachineError, ValueError) as e:
             self._fail(context, e)
+        if request.console_history:
+            self.m.console.seed(request.console_history)
         self.migration_id = request.migration_id
         self.awaiting_commit = bool(request.migration_id)
         return self._status()
 
-    def Pause(self, request: vmm_pb2.Empty, context: grpc.ServicerContext) -> vmm_pb2.PauseReply:
+    def Pause(self, request: vmm_pb2.PauseRequest,
+              context: grpc.ServicerContext) -> vmm_pb2.PauseReply:
+        m = self.m
         try:
-            return vmm_pb2.PauseReply(pause_ms=self.m.pause())
-        except MachineError as e:
+            reply = vmm_pb2.PauseReply(pause_ms=m.pause())
+            self.pause_reason = request.reason or "user"
+            if request.fetch_dirty_log:
+                if not m.memory.dirty_logging:
+                    raise MachineError("dirty logging is not on")
+                reply.dirty_bitmap = m.memory.fetch_dirty_bitmap().tobytes()
+            if request.save:
+                t0 = time.perf_counter()
+                reply.state.CopyFrom(m.save())
+                reply.save_ms = (time.perf_counter() - t0) * 1000
+            if request.console:
+                reply.console, reply.console_end = m.console.read(request.console_from)
+            return reply
+        except (MachineError, OSError) as e:
             self._fail(context, e)
             raise
 
@@ -169,22 +188,16 @@ class VmmService(vmm_pb2_grpc.VmmServicer):
         console = self.m.console
         offset = max(0, console.end - request.tail_bytes) if request.tail_bytes else 0
         data, offset = console.read(offset)
-        if data:
-            yield vmm_pb2.ConsoleData(data=data)
+        yield vmm_pb2.ConsoleData(data=data, end_offset=offset)
         while request.follow and context.is_active() and not self.done.is_set():
             if console.wait(offset, 0.5):
                 data, offset = console.read(offset)
                 if data:
-                    yield vmm_pb2.ConsoleData(data=data)
+                    yield vmm_pb2.ConsoleData(data=data, end_offset=offset)
 
     def ConsoleWrite(self, request: vmm_pb2.ConsoleData,
                      context: grpc.ServicerContext) -> vmm_pb2.Empty:
         self.m.uart.receive(request.data)
-        return vmm_pb2.Empty()
-
-    def SeedConsole(self, request: vmm_pb2.ConsoleData,
-                    context: grpc.ServicerContext) -> vmm_pb2.Empty:
-        self.m.console.seed(request.data)
         return vmm_pb2.Empty()
 
     def Shutdown(self, request: vmm_pb2.ShutdownRequest,
