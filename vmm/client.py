@@ -109,8 +109,9 @@ class VmmClient:
     def console_tail(self, tail_bytes: int) -> tuple[bytes, int]:
         """The last `tail_bytes` of console output and the offset it ends at."""
         data, end = b"", 0
-        for chunk, end in self.console_chunks(False, tail_bytes, 10):
+        for chunk, chunk_end in self.console_chunks(False, tail_bytes, 10):
             data += chunk
+            end = chunk_end
         return data, end
 
     def console_chunks(self, follow: bool = False, tail_bytes: int = 0,

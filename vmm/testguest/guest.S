@@ -14,9 +14,11 @@
  *
  * Pattern: each CPU owns a slice of N pages and writes them round-robin.
  * With a cursor p and a generation g, page i holds generation g if i < p,
- * else g - 1; its every qword holds (gen << 32) | (gpa >> 12), or 0 for
- * generation 0. So two registers' worth of state predict the whole slice,
- * and any page the migration forgot shows up as an old generation.
+ * else g - 1. A page of generation gen is seeded by v = (gen << 32) |
+ * (gpa >> 12): its first half is a splitmix64 stream from v, its second half
+ * repeats v (so memory compresses about 2:1, like a real guest's); a page of
+ * generation 0 is all zero. Two registers' worth of state predict the whole
+ * slice, and any page the migration forgot shows up as an old generation.
  *
  * Pacing comes from timer interrupts (the PIT on CPU 0, the LAPIC timer on
  * the others), serial input from the UART interrupt through the IOAPIC: a
@@ -466,6 +468,23 @@ main_loop:
         call    echo_rx
         jmp     main_loop
 
+/* rdx = the next value of the splitmix64 stream whose state is r9 (clobbers rsi). */
+        .macro  SPLITMIX
+        add     r9, [k_golden]
+        mov     rdx, r9
+        mov     rsi, rdx
+        shr     rsi, 30
+        xor     rdx, rsi
+        imul    rdx, [k_mix1]
+        mov     rsi, rdx
+        shr     rsi, 27
+        xor     rdx, rsi
+        imul    rdx, [k_mix2]
+        mov     rsi, rdx
+        shr     rsi, 31
+        xor     rdx, rsi
+        .endm
+
 /* Page i of this CPU's slice: rdi = its address, rdx = its global page number. */
         .macro  PAGE_ADDR idx
         mov     rdi, \idx
@@ -475,6 +494,61 @@ main_loop:
         shr     rdx, 12
         .endm
 
+/* fill_page: rdi = page, rax = its seed v (0: an all-zero page). Clobbers rcx, rdx, rsi, r9. */
+fill_page:
+        test    rax, rax
+        jnz     1f
+        mov     ecx, 512
+        rep     stosq
+        ret
+1:      mov     r9, rax
+        mov     ecx, 256
+2:      SPLITMIX
+        mov     [rdi], rdx
+        add     rdi, 8
+        dec     ecx
+        jnz     2b
+        mov     ecx, 256
+        rep     stosq
+        ret
+
+/*
+ * check_page: rdi = page, rax = its seed v. Returns rcx = 0 when the page
+ * holds what it must; otherwise rdi points just past the first wrong qword,
+ * r11 = the value expected there and r9 = the value found. Clobbers rdx, rsi.
+ */
+check_page:
+        test    rax, rax
+        jnz     1f
+        mov     r11, rax
+        jmp     3f
+1:      mov     r9, rax
+        mov     ecx, 256
+2:      SPLITMIX
+        add     rdi, 8
+        cmp     [rdi - 8], rdx
+        jne     4f
+        dec     ecx
+        jnz     2b
+        mov     r11, rax
+        mov     ecx, 256
+        repe    scasq
+        jne     5f
+        xor     ecx, ecx
+        ret
+3:      mov     ecx, 512
+        repe    scasq
+        jne     5f
+        xor     ecx, ecx
+        ret
+4:      mov     r11, rdx
+        mov     r9, [rdi - 8]
+        mov     ecx, 1
+        ret
+5:      mov     r9, [rdi - 8]
+        mov     ecx, 1
+        ret
+
 write_next_page:
         cmp     qword ptr [rbx + U_SLICE_PAGES], 0
         je      9f
@@ -483,8 +557,7 @@ write_next_page:
         mov     rax, [rbx + U_GEN]
         shl     rax, 32
         or      rax, rdx
-        mov     ecx, 512
-        rep     stosq
+        call    fill_page
         inc     qword ptr [rbx + U_WRITES]
         inc     r8
         cmp     r8, [rbx + U_SLICE_PAGES]
@@ -513,9 +586,11 @@ verify_next_page:
         PAGE_ADDR r8
         call    expected_value
         mov     r10, rdi
-        mov     ecx, 512
-        repe    scasq
-        jne     corrupt
+        push    rax
+        call    check_page
+        pop     rax
+        test    ecx, ecx
+        jnz     corrupt
         inc     qword ptr [rbx + U_VERIFIED]
 next_vcursor:
         inc     r8
@@ -525,9 +600,8 @@ next_vcursor:
 1:      mov     [rbx + U_VCURSOR], r8
 9:      ret
 
-corrupt:                                /* r10 = page, rax = expected, [rdi-8] = found */
-        mov     r11, rax
-        mov     r9, [rdi - 8]
+corrupt:                        /* r10 = page, rax = seed, r11 = expected, r9 = found */
+        push    rax
         sub     rdi, 8
         push    rdi
         inc     qword ptr [rbx + U_ERRORS]
@@ -557,9 +631,8 @@ corrupt:                                /* r10 = page, rax = expected, [rdi-8] =
         call    putc
         call    unlock_serial
         mov     rdi, r10                /* repair it, so each loss is told once */
-        mov     rax, r11
-        mov     ecx, 512
-        rep     stosq
+        pop     rax
+        call    fill_page
         jmp     next_vcursor
 
 heartbeat:
@@ -774,6 +847,9 @@ print_hex:                              /* rax, as 0x... */
 
         .section .rodata
         .balign 8
+k_golden:       .quad   0x9e3779b97f4a7c15
+k_mix1:         .quad   0xbf58476d1ce4e5b9
+k_mix2:         .quad   0x94d049bb133111eb
 vector_table:                           /* vector, handler, gate attributes */
         .irp    v, 0,1,2,3,4,5,6,7,8,9,10,11,12,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31
         .quad   \v, exc_\v, 0x8e

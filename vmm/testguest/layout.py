@@ -18,6 +18,7 @@ from vmigrate.vmm import kvm
 
 PAGE = 4096
 GIB = 1 << 30
+DEFAULT_VERIFY_CAP = 128 << 20
 PIT_HZ = 1193182
 LAPIC_BUS_HZ = 1_000_000_000     # KVM's APIC timer runs at 1 GHz (1 ns per tick)
 
@@ -87,7 +88,10 @@ def params_block(p: TestGuestParams) -> bytes:
     pages_per_cpu = p.pages_per_cpu
     rate_per_cpu = p.dirty_rate_bytes_per_s / p.vcpus
     write_fp = int(rate_per_cpu / PAGE / p.timer_hz * 65536)
-    verify_rate = p.verify_bytes_per_s / p.vcpus if p.verify_bytes_per_s else pages_per_cpu * PAGE
+    # By default each vCPU re-checks its whole slice every second, up to
+    # 128 MiB/s (a check costs about a microsecond per page of guest CPU).
+    verify_rate = (p.verify_bytes_per_s / p.vcpus if p.verify_bytes_per_s
+                   else min(pages_per_cpu * PAGE, DEFAULT_VERIFY_CAP))
     verify_per_tick = math.ceil(verify_rate / PAGE / p.timer_hz) if pages_per_cpu else 0
     hb_ticks = max(1, round(p.heartbeat_ms * p.timer_hz / 1000))
     fields = {

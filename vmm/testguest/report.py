@@ -58,6 +58,9 @@ class Report:
 
 
 def parse(text: str) -> Report:
+    """Parse complete lines only: a line still being printed is not evidence."""
+    if not text.endswith("\n"):
+        text = text[:text.rfind("\n") + 1]
     r = Report()
     for m in _HB.finditer(text):
         hb = Heartbeat(*(int(g) for g in m.groups()))
