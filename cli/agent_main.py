@@ -41,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="serve plaintext without authentication (local testing only)")
     ap.add_argument("--idle-exit", type=float, default=0.0, metavar="S",
                     help="exit after S seconds without guests (on-demand agents)")
+    ap.add_argument("--standby-vmms", type=int, default=1, metavar="N",
+                    help="VMM processes to keep started ahead of need, so a new or "
+                         "arriving guest gets one in milliseconds (default 1; 0: none)")
     ap.add_argument("--log-level", default="INFO")
     opts = ap.parse_args(argv)
     logging.basicConfig(level=opts.log_level.upper(),
@@ -50,13 +53,15 @@ def main(argv: list[str] | None = None) -> int:
     from vmigrate.migrate import agent, store
     from vmigrate.migrate.errors import AgentError
     from vmigrate.vmm.machine import install_kick_handler
+    from vmigrate.vmm.malloc_tuning import tune_malloc
 
+    tune_malloc()
     install_kick_handler()
     cfg = agent.AgentConfig(
         name=opts.name, listen=opts.listen, state_dir=opts.state_dir.resolve(),
         store_url=opts.store or f"sqlite:///{opts.state_dir.resolve() / 'cluster.db'}",
         advertise=opts.advertise, tls_dir=opts.tls_dir, insecure=opts.insecure,
-        idle_exit_s=opts.idle_exit)
+        idle_exit_s=opts.idle_exit, standby_vmms=max(0, opts.standby_vmms))
     try:
         agent.serve(cfg)
     except (store.StoreError, AgentError, OSError, RuntimeError) as e:

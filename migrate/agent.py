@@ -43,6 +43,20 @@ GRPC_OPTIONS = [
 ]
 
 
+def _authz_policy() -> object:
+    """Only agents may push a migration into an agent; the CLI (client
+    certificates) may call everything else."""
+    from vmigrate.migrate import authz
+
+    agent_only = ["Negotiate", "Prepare", "Switchover", "Abort"]
+    rules = {f"/vmigrate.v1.Agent/{m}": authz.AGENT_ONLY for m in agent_only}
+    rules["/vmigrate.v1.PageStream/Push"] = authz.AGENT_ONLY
+    return authz.MethodPolicy(rules, default=authz.ANY_ROLE)
+
+
+AUTHZ_POLICY = _authz_policy()
+
+
 @dataclass
 class AgentConfig:
     name: str
@@ -53,6 +67,7 @@ class AgentConfig:
     tls_dir: Path | None = None       # agent certificate directory (mTLS); None: plaintext
     insecure: bool = False            # plaintext explicitly allowed
     idle_exit_s: float = 0.0          # exit when no guest ran for this long (on-demand agent)
+    standby_vmms: int = 1             # VMM processes kept started ahead of need
 
 
 class Agent(agent_pb2_grpc.AgentServicer):
@@ -60,7 +75,7 @@ class Agent(agent_pb2_grpc.AgentServicer):
         self.cfg = cfg
         self.name = cfg.name
         self.store = store_
-        self.vms = VmRegistry(cfg.state_dir)
+        self.vms = VmRegistry(cfg.state_dir, cfg.standby_vmms)
         self.address = cfg.advertise or cfg.listen
         self.stopping = threading.Event()
         self._heartbeat: store.Heartbeat | None = None
@@ -317,9 +332,9 @@ class Agent(agent_pb2_grpc.AgentServicer):
         return self.incoming.prepare(request, context)
 
     @unary
-    def ReceiveMemory(self, request_iterator: Iterator[agent_pb2.MemoryBatch],
-                      context: grpc.ServicerContext) -> agent_pb2.MemoryAck:
-        return self.incoming.receive_memory(request_iterator, context)
+    def ReceivePages(self, frames: Iterator[bytes],
+                     context: grpc.ServicerContext) -> agent_pb2.MemoryAck:
+        return self.incoming.receive_memory(frames, context)
 
     @unary
     def Switchover(self, request: agent_pb2.SwitchoverRequest,
@@ -349,10 +364,14 @@ def serve(cfg: AgentConfig) -> None:
     """Run the agent until SIGTERM/SIGINT or ShutdownAgent."""
     cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     st = store.open_store(cfg.store_url)
+    from vmigrate.migrate import authz, pagestream
+
+    interceptors = [authz.AuthzInterceptor(AUTHZ_POLICY, insecure_plaintext=cfg.tls_dir is None)]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="rpc"),
-                         options=GRPC_OPTIONS)
+                         options=GRPC_OPTIONS, interceptors=interceptors)
     agent = Agent(cfg, st)
     agent_pb2_grpc.add_AgentServicer_to_server(agent, server)
+    server.add_generic_rpc_handlers([pagestream.handler(agent.ReceivePages)])
     port = _add_port(server, cfg)
     if not cfg.advertise:
         if cfg.listen.startswith("unix:"):
@@ -362,6 +381,7 @@ def serve(cfg: AgentConfig) -> None:
     if port == 0 and not cfg.listen.startswith("unix:"):
         raise AgentError(f"cannot listen on {cfg.listen}")
     agent.adopt()
+    agent.vms.standby.refill()
     server.start()
     agent.register()
     info = {"name": cfg.name, "pid": os.getpid(), "address": agent.address,

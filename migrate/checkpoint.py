@@ -50,7 +50,7 @@ class FileSink:
         n = 0
         for batch in precopy.encode_batches(self.encoder, bitmap, self.counts, skip_zero, tick,
                                             self.hashes):
-            self.writer.write_memory(round_, batch)
+            self.writer.write_memory(round_, [c.to_msg() for c in batch])
             n += sum(len(c.data) + 24 for c in batch)
         return n
 
@@ -175,7 +175,8 @@ def _checkpoint(agent: Agent, vm: LocalVm, req: agent_pb2.CheckpointRequest,
             total_ms=(time.monotonic() - t_start) * 1000, rounds=len(pc.rounds),
             state_version=target, vm=vm.name))
     finally:
-        encoder = None
+        if encoder is not None:
+            encoder.close()
         if writer is not None:
             writer.abort()
         if memory is not None:
@@ -330,7 +331,9 @@ def _restore(agent: Agent, req: agent_pb2.RestoreRequest,
         memory.close()
         memory = None
         vm.client.restore(state)
-        if not req.paused:
+        if req.paused:
+            vm.client.resume_paused()
+        else:
             vm.client.resume()
         ms = (time.monotonic() - t_start) * 1000
         agent._update_info()

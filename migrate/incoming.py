@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from vmigrate.migrate import pages, store, translate, versions
+from vmigrate.migrate import pages, pagestream, store, translate, versions
 from vmigrate.migrate.errors import AgentError
 from vmigrate.migrate.progress import Stopwatch
 from vmigrate.migrate.vms import LocalVm, check_vm_name
@@ -183,40 +183,45 @@ class IncomingMigrations:
                 info = vm.client.memory()
                 m.memory = MappedMemory(info, writable=True)
                 m.layout = pages.Layout.from_msg(info.layout)
+                if req.populate:
+                    m.memory.populate_async([(r.offset, r.length) for r in req.populate])
             except BaseException as e:
                 self._discard(m, f"prepare failed: {e}")
                 raise
             m.phase = Phase.PREPARED
         return agent_pb2.PrepareReply(prepare_ms=(time.monotonic() - t0) * 1000)
 
-    def receive_memory(self, batches: Iterator[agent_pb2.MemoryBatch],
+    def receive_memory(self, frames: Iterator[bytes],
                        context: grpc.ServicerContext) -> agent_pb2.MemoryAck:
+        """One page stream (migrate/pagestream.py): frames of chunks, applied
+        to the guest's memory as they arrive, every chunk checked first."""
         decoder: pages.Decoder | None = None
         m: Incoming | None = None
         pages_in = bytes_in = chunks_in = 0
         try:
-            for batch in batches:
+            for frame in frames:
+                header, chunks = pagestream.decode(frame)
                 if m is None:
-                    m = self._get(batch.migration_id)
+                    m = self._get(header.migration_id)
                     if m.phase != Phase.PREPARED or m.memory is None or m.layout is None:
                         raise AgentError(f"migration {m.id} is not ready for memory "
                                          f"({m.phase.value})")
                     decoder = pages.Decoder(m.memory.map, m.layout, fd=m.memory.fd)
-                elif batch.migration_id != m.id:
+                elif header.migration_id != m.id:
                     raise AgentError("a memory stream switched migrations",
                                      grpc.StatusCode.INVALID_ARGUMENT)
                 assert decoder is not None
                 if m.phase != Phase.PREPARED:
                     raise AgentError(f"migration {m.id} was {m.phase.value}: {m.error}",
                                      grpc.StatusCode.ABORTED)
-                decoder.fresh = batch.round == 0
-                for chunk in batch.chunks:
+                decoder.fresh = header.round == 0
+                for chunk in chunks:
                     decoder.apply(chunk)
-                    pages_in += chunk.page_count
+                    pages_in += chunk.pages
                     bytes_in += len(chunk.data)
-                chunks_in += len(batch.chunks)
+                chunks_in += len(chunks)
                 m.last_activity = time.monotonic()
-        except pages.BadChunk as e:
+        except (pages.BadChunk, pagestream.BadFrame) as e:
             if m is not None:
                 self._discard(m, f"bad data from the source: {e}")
             raise AgentError(f"rejected the migration stream: {e}",
@@ -260,8 +265,6 @@ class IncomingMigrations:
                 decoder.close()
                 step("last_pages")
                 state = translate.translate(req.state, versions.STATE_VERSION_MAX)
-                m.memory.close()
-                m.memory = None
                 m.vm.client.restore(state, migration_id=m.id, console_history=req.console_tail)
                 step("restore")
             except (pages.BadChunk, VmmError, translate.NotExpressible) as e:
@@ -274,12 +277,19 @@ class IncomingMigrations:
             m.switched_at = time.monotonic()
             self._commit_locked(m)
             step("store_commit")
-            self._run_locked(m)
+            self._run_locked(m, paused=req.stay_paused)
             step("resume")
         reply.committed = True
         reply.steps["total"] = (time.monotonic() - t_enter) * 1000
-        threading.Thread(target=self.agent._update_info, daemon=True).start()
+        # Unmapping guest memory takes milliseconds: do it off the downtime path.
+        memory, m.memory = m.memory, None
+        threading.Thread(target=self._after_switchover, args=(memory,), daemon=True).start()
         return reply
+
+    def _after_switchover(self, memory: MappedMemory | None) -> None:
+        if memory is not None:
+            memory.close()
+        self.agent._update_info()
 
     def _commit_locked(self, m: Incoming) -> None:
         """The compare-and-swap that moves the guest here; exactly one of it
@@ -311,12 +321,16 @@ class IncomingMigrations:
             raise AgentError(f"the cluster store refused the move: {e}",
                              grpc.StatusCode.ABORTED) from None
 
-    def _run_locked(self, m: Incoming) -> None:
-        """Resume the committed guest here; if that fails, give it back."""
+    def _run_locked(self, m: Incoming, paused: bool = False) -> None:
+        """Resume the committed guest here (or keep it paused, as it was at the
+        source); if that fails, give it back."""
         vm = m.vm
         assert vm is not None
         try:
-            vm.client.resume()
+            if paused:
+                vm.client.resume_paused()
+            else:
+                vm.client.resume()
         except VmmError as e:
             try:
                 self.agent.store.rollback_migration(m.vm_name, m.id)

@@ -28,6 +28,7 @@ from vmigrate.migrate import (
     channels,
     hostinfo,
     pages,
+    pagestream,
     precopy,
     progress,
     store,
@@ -46,6 +47,7 @@ if TYPE_CHECKING:
     from vmigrate.migrate.agent import Agent
 
 log = logging.getLogger("vmigrate.outgoing")
+STATES = {1: "created", 4: "stopped", 5: "crashed"}
 
 RPC_TIMEOUT_S = 30.0
 STREAM_TIMEOUT_S = 600.0
@@ -98,9 +100,9 @@ class NetworkSink:
     the destination has acknowledged every one (rounds never overlap, so a
     later copy of a page can never be overtaken by an older one)."""
 
-    def __init__(self, stub: agent_pb2_grpc.AgentStub, migration_id: str,
+    def __init__(self, channel: grpc.Channel, migration_id: str,
                  encoders: list[pages.Encoder], limit: RateLimit) -> None:
-        self.stub = stub
+        self.push = pagestream.push_callable(channel)
         self.id = migration_id
         self.streams = len(encoders)
         self.encoders = encoders
@@ -136,26 +138,25 @@ class NetworkSink:
         sent = [0]
         stopped: list[BaseException] = []
 
-        def batches() -> Iterator[agent_pb2.MemoryBatch]:
+        def frames() -> Iterator[bytes]:
             # gRPC swallows exceptions raised here, so a cancel or timeout ends
             # the stream quietly and is re-raised below.
             try:
                 for chunks in self.encoders[i].batches(bitmap, local, skip_zero=skip_zero):
-                    size = sum(len(c.data) for c in chunks)
-                    self.limit.take(size)
-                    sent[0] += size + 16 * len(chunks)
+                    frame = pagestream.encode(self.id, round_, chunks)
+                    self.limit.take(len(frame))
+                    sent[0] += len(frame)
                     with self._lock:
                         self.chunks_sent += len(chunks)
-                        self.pages_sent += sum(c.page_count for c in chunks)
+                        self.pages_sent += sum(c.pages for c in chunks)
                         self.counts.add(local)
                         local.__init__()
-                    yield agent_pb2.MemoryBatch(migration_id=self.id, round=round_,
-                                                chunks=chunks)
+                    yield frame
                     tick()
             except Exception as e:
                 stopped.append(e)
         try:
-            self.stub.ReceiveMemory(batches(), timeout=STREAM_TIMEOUT_S)
+            self.push(frames(), timeout=STREAM_TIMEOUT_S)
             results[i] = stopped[0] if stopped else sent[0]
         except grpc.RpcError as e:
             results[i] = stopped[0] if stopped else channels.rpc_error("memory stream", e)
@@ -219,6 +220,7 @@ class Migration:
                                                 streams=opts.streams)
         self.t0 = time.monotonic()
         self.paused_at = 0.0
+        self.was_paused = False
         self.began = False
         self.committed = False
         self.dest_prepared = False
@@ -232,12 +234,15 @@ class Migration:
     def run(self) -> agent_pb2.Progress:
         vm, agent = self.vm, self.agent
         memory: MappedMemory | None = None
+        encoders: list[pages.Encoder] = []
         dirty_on = False
         pc: precopy.Precopy | None = None
         try:
             status = vm.status()
-            if status.state != 2:
-                raise AgentError(f"{vm.name} is not running; only running guests migrate")
+            if status.state not in (2, 3):          # RUNNING, PAUSED
+                raise AgentError(f"{vm.name} is {status.state and STATES.get(status.state)}; "
+                                 "only running or paused guests migrate")
+            self.was_paused = status.state == 3
             self.emit(agent_pb2.Progress(phase="negotiate", message=f"contacting {self.dest}"))
             host = agent.store.get_host(self.dest)
             if not host.alive:
@@ -249,20 +254,22 @@ class Migration:
             self.report.state_version = version
             agent.store.begin_migration(vm.name, self.id, agent.name, self.dest)
             self.began = True
-            self._call("prepare", self.stub.Prepare, agent_pb2.PrepareRequest(
-                migration_id=self.id, config=vm.config))
-            self.dest_prepared = True
-            self.report.setup_ms = self._ms(self.t0)
-
             info = vm.client.memory()
             layout = pages.Layout.from_msg(info.layout)
             memory = MappedMemory(info)
+            ranges = data_ranges(memory.fd, info.size)
+            self._call("prepare", self.stub.Prepare, agent_pb2.PrepareRequest(
+                migration_id=self.id, config=vm.config,
+                populate=[agent_pb2.FileRange(offset=o, length=n) for o, n in ranges]))
+            self.dest_prepared = True
+            self.report.setup_ms = self._ms(self.t0)
+
             compress = self._compress_decision(memory, layout)
             level = int(self.opts.compress) if self.opts.compress.lstrip("-").isdigit() \
                 else pages.ZSTD_LEVEL
             encoders = [pages.Encoder(memory.map, layout, compress, level)
                         for _ in range(self.opts.streams)]
-            sink = NetworkSink(self.stub, self.id, encoders, RateLimit(self.opts.bandwidth))
+            sink = NetworkSink(self.channel, self.id, encoders, RateLimit(self.opts.bandwidth))
             vm.client.start_dirty_log()
             dirty_on = True
             t_log = time.monotonic()
@@ -292,7 +299,8 @@ class Migration:
             # compare-and-swap that decides where the guest lives) and runs it.
             self._switchover(agent_pb2.SwitchoverRequest(
                 migration_id=self.id, state=state, pages_sent=sink.pages_sent,
-                chunks_sent=sink.chunks_sent, console_tail=console, last_pages=inline), step)
+                chunks_sent=sink.chunks_sent, console_tail=console, last_pages=inline,
+                stay_paused=self.was_paused), step)
             self.report.downtime_ms = self._ms(self.paused_at)
             self.report.outcome = "completed"
             self._fill(pc, sink.counts)
@@ -307,7 +315,8 @@ class Migration:
             self._roll_back(e)
             raise self._user_error(e) from None
         finally:
-            encoders = []
+            for enc in encoders:
+                enc.close()
             if memory is not None:
                 memory.close()
             if dirty_on and not self.committed:
@@ -385,7 +394,7 @@ class Migration:
         t0 = time.monotonic()
         chunks: list[pb.MemoryChunk] = []
         for batch in encoder.batches(final, sink.counts, skip_zero=False):
-            chunks.extend(batch)
+            chunks.extend(c.to_msg() for c in batch)
         size = sum(len(c.data) + 24 for c in chunks)
         pc.bytes_sent += size
         pc.rounds.append(precopy.RoundResult(len(pc.rounds), n, size,
@@ -450,7 +459,7 @@ class Migration:
                     return
             with contextlib.suppress(store.StoreError):
                 self.agent.store.finish_migration(self.vm.name, self.id)
-        if self.paused_at:
+        if self.paused_at and not self.was_paused:
             with contextlib.suppress(VmmError):
                 self.vm.client.resume()
 

@@ -77,6 +77,33 @@ class Layout:
         return sorted((off + size) // PAGE for _, size, off in self.regions)
 
 
+@dataclass(slots=True)
+class Chunk:
+    """A run of pages as encoded, before it becomes a message or a frame.
+
+    A RAW chunk's `data` is a live view of guest memory and its checksum is 0
+    until it is frozen: the guest may write the pages while they are being
+    sent, so the checksum must be taken over the very bytes that leave (a page
+    changed meanwhile is dirty and goes again in the next round)."""
+
+    gpa: int
+    pages: int
+    encoding: int
+    checksum: int = 0
+    data: bytes | memoryview = b""
+
+    def to_msg(self) -> pb.MemoryChunk:
+        """A message holding a frozen copy of the pages."""
+        data = bytes(self.data)
+        checksum = xxhash.xxh3_64_intdigest(data) if self.encoding == RAW else self.checksum
+        return pb.MemoryChunk(guest_phys_addr=self.gpa, page_count=self.pages,
+                              encoding=self.encoding, checksum=checksum, data=data)
+
+    @classmethod
+    def from_msg(cls, m: pb.MemoryChunk) -> Chunk:
+        return cls(m.guest_phys_addr, m.page_count, m.encoding, m.checksum, m.data)
+
+
 @dataclass
 class Counts:
     pages_zero: int = 0
@@ -138,7 +165,7 @@ def runs(bitmap: np.ndarray, pages: int, breaks: list[int],
 
 
 class Encoder:
-    """Turns runs of pages of a mapped memory file into MemoryChunks."""
+    """Turns runs of pages of a mapped memory file into chunks."""
 
     def __init__(self, memory: mmap.mmap, layout: Layout, compress: bool,
                  level: int = ZSTD_LEVEL) -> None:
@@ -147,10 +174,16 @@ class Encoder:
         self.compress = compress
         self._cctx = zstandard.ZstdCompressor(level=level)
         self._view = np.frombuffer(memory, dtype=np.uint64)
+        self._mv = memoryview(memory)
+
+    def close(self) -> None:
+        """Drop the views of guest memory (so the mapping can be closed)."""
+        self._mv.release()
+        self._view = None  # type: ignore[assignment]
 
     def encode_run(self, first_page: int, count: int, counts: Counts,
                    skip_zero: bool = False,
-                   hashes: np.ndarray | None = None) -> list[pb.MemoryChunk]:
+                   hashes: np.ndarray | None = None) -> list[Chunk]:
         """Chunks for pages [first_page, first_page+count) of the memory file.
 
         Zero pages become ZERO chunks (or nothing with skip_zero, when the
@@ -162,7 +195,7 @@ class Encoder:
         if hashes is not None:
             hashes[first_page:first_page + count] = page_hashes(self.memory, first_page, count,
                                                                 nonzero)
-        out: list[pb.MemoryChunk] = []
+        out: list[Chunk] = []
         edges = np.flatnonzero(np.diff(nonzero.astype(np.int8))) + 1
         bounds = [0, *edges.tolist(), count]
         for a, b in itertools.pairwise(bounds):
@@ -172,33 +205,31 @@ class Encoder:
             if not nonzero[a]:
                 counts.pages_zero += n
                 if not skip_zero:
-                    out.append(pb.MemoryChunk(guest_phys_addr=gpa, page_count=n, encoding=ZERO))
+                    out.append(Chunk(gpa, n, ZERO))
                     counts.bytes_out += 16
                     counts.chunks += 1
                 continue
-            raw = self.memory[page * PAGE:(page + n) * PAGE]
-            checksum = xxhash.xxh3_64_intdigest(raw)
+            view = self._mv[page * PAGE:(page + n) * PAGE]
             if self.compress:
+                raw = bytes(view)          # a stable copy: checksum and compress the same bytes
                 packed = self._cctx.compress(raw)
                 if len(packed) < len(raw) * COMPRESS_KEEP_RATIO:
-                    out.append(pb.MemoryChunk(guest_phys_addr=gpa, page_count=n, encoding=ZSTD,
-                                              data=packed, checksum=checksum))
+                    out.append(Chunk(gpa, n, ZSTD, xxhash.xxh3_64_intdigest(raw), packed))
                     counts.pages_compressed += n
                     counts.bytes_out += len(packed) + 24
                     counts.chunks += 1
                     continue
-            out.append(pb.MemoryChunk(guest_phys_addr=gpa, page_count=n, encoding=RAW, data=raw,
-                                      checksum=checksum))
+            out.append(Chunk(gpa, n, RAW, 0, view))
             counts.pages_raw += n
-            counts.bytes_out += len(raw) + 24
+            counts.bytes_out += len(view) + 24
             counts.chunks += 1
         return out
 
     def batches(self, bitmap: np.ndarray, counts: Counts, skip_zero: bool = False,
                 batch_bytes: int = BATCH_BYTES,
-                hashes: np.ndarray | None = None) -> Iterator[list[pb.MemoryChunk]]:
+                hashes: np.ndarray | None = None) -> Iterator[list[Chunk]]:
         """Every set page of `bitmap`, as batches of chunks of about batch_bytes."""
-        batch: list[pb.MemoryChunk] = []
+        batch: list[Chunk] = []
         size = 0
         for first, count in runs(bitmap, self.layout.pages, self.layout.region_ends()):
             for chunk in self.encode_run(first, count, counts, skip_zero, hashes):
@@ -231,23 +262,6 @@ def page_hashes(memory: mmap.mmap, first_page: int, count: int,
     return out
 
 
-def sample_ratio(memory: mmap.mmap, bitmap: np.ndarray, layout: Layout,
-                 max_pages: int = 256) -> float:
-    """Compressed/raw size of a sample of the non-zero pages to send (1.0: incompressible)."""
-    cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
-    raw_total = packed_total = 0
-    view = np.frombuffer(memory, dtype=np.uint64)
-    for first, count in runs(bitmap, layout.pages, layout.region_ends()):
-        words = view[first * 512:(first + count) * 512].reshape(count, 512)
-        for i in np.flatnonzero(words.any(axis=1))[:max_pages - raw_total // PAGE].tolist():
-            page = memory[(first + i) * PAGE:(first + i + 1) * PAGE]
-            raw_total += PAGE
-            packed_total += len(cctx.compress(page))
-        if raw_total >= max_pages * PAGE:
-            break
-    return packed_total / raw_total if raw_total else 1.0
-
-
 # ---------------------------------------------------------------- decoding
 
 
@@ -270,59 +284,59 @@ class Decoder:
         self._dctx = zstandard.ZstdDecompressor()
         self._base = ctypes.addressof(ctypes.c_char.from_buffer(self.memory))
 
-    def check(self, c: pb.MemoryChunk) -> tuple[int, int]:
-        """Validate a chunk; returns (file offset, length). Raises BadChunk."""
-        n = c.page_count
+    def check(self, c: Chunk) -> tuple[int, int]:
+        """Validate a chunk's address and size; returns (file offset, length)."""
+        n = c.pages
         if n <= 0 or n > MAX_CHUNK_PAGES * 4:
-            raise BadChunk(f"chunk at {c.guest_phys_addr:#x} claims {n} pages")
-        if c.guest_phys_addr % PAGE:
-            raise BadChunk(f"chunk address {c.guest_phys_addr:#x} is not page-aligned")
+            raise BadChunk(f"chunk at {c.gpa:#x} claims {n} pages")
+        if c.gpa % PAGE:
+            raise BadChunk(f"chunk address {c.gpa:#x} is not page-aligned")
         length = n * PAGE
-        return self.layout.offset_of(c.guest_phys_addr, length), length
+        return self.layout.offset_of(c.gpa, length), length
 
-    def decode(self, c: pb.MemoryChunk, length: int) -> bytes | None:
+    def decode(self, c: Chunk, length: int) -> bytes | memoryview | None:
         """The chunk's pages (None for ZERO), checked against its checksum."""
         if c.encoding == ZERO:
-            if c.data:
-                raise BadChunk(f"zero chunk at {c.guest_phys_addr:#x} carries data")
+            if len(c.data):
+                raise BadChunk(f"zero chunk at {c.gpa:#x} carries data")
             return None
         if c.encoding == RAW:
             data = c.data
             if len(data) != length:
-                raise BadChunk(f"raw chunk at {c.guest_phys_addr:#x} has {len(data)} bytes, "
+                raise BadChunk(f"raw chunk at {c.gpa:#x} has {len(data)} bytes, "
                                f"expected {length}")
         elif c.encoding == ZSTD:
             if len(c.data) > length + 1024:
-                raise BadChunk(f"compressed chunk at {c.guest_phys_addr:#x} is larger than "
-                               "its pages")
+                raise BadChunk(f"compressed chunk at {c.gpa:#x} is larger than its pages")
             try:
                 data = self._dctx.decompress(c.data, max_output_size=length)
             except zstandard.ZstdError as e:
-                raise BadChunk(f"chunk at {c.guest_phys_addr:#x} does not decompress: {e}") \
-                    from None
+                raise BadChunk(f"chunk at {c.gpa:#x} does not decompress: {e}") from None
             if len(data) != length:
-                raise BadChunk(f"chunk at {c.guest_phys_addr:#x} decompresses to {len(data)} "
+                raise BadChunk(f"chunk at {c.gpa:#x} decompresses to {len(data)} "
                                f"bytes, expected {length}")
         else:
-            raise BadChunk(f"chunk at {c.guest_phys_addr:#x} has unknown encoding {c.encoding}")
+            raise BadChunk(f"chunk at {c.gpa:#x} has unknown encoding {c.encoding}")
         if xxhash.xxh3_64_intdigest(data) != c.checksum:
-            raise BadChunk(f"checksum mismatch in the chunk at {c.guest_phys_addr:#x} "
-                           f"({c.page_count} pages): the data was damaged")
+            raise BadChunk(f"checksum mismatch in the chunk at {c.gpa:#x} "
+                           f"({c.pages} pages): the data was damaged")
         return data
 
-    def apply(self, c: pb.MemoryChunk) -> None:
+    def apply(self, c: Chunk | pb.MemoryChunk) -> None:
+        if isinstance(c, pb.MemoryChunk):
+            c = Chunk.from_msg(c)
         off, length = self.check(c)
         data = self.decode(c, length)
         if data is None:
-            self.counts.pages_zero += c.page_count
+            self.counts.pages_zero += c.pages
             if not self.fresh:
                 self._zero(off, length)
         else:
             self.memory[off:off + length] = data
             if c.encoding == ZSTD:
-                self.counts.pages_compressed += c.page_count
+                self.counts.pages_compressed += c.pages
             else:
-                self.counts.pages_raw += c.page_count
+                self.counts.pages_raw += c.pages
         self.counts.bytes_out += len(c.data)
         self.counts.chunks += 1
 

@@ -22,7 +22,6 @@ import numpy as np
 from vmigrate.migrate import pages
 from vmigrate.migrate.errors import AgentError, Cancelled
 from vmigrate.proto import agent_pb2
-from vmigrate.proto import state_pb2 as pb
 from vmigrate.vmm.client import VmmClient
 
 PAGE = pages.PAGE
@@ -45,7 +44,7 @@ class Sink(Protocol):
 
 def encode_batches(encoder: pages.Encoder, bitmap: np.ndarray, counts: pages.Counts,
                    skip_zero: bool, tick: Tick,
-                   hashes: np.ndarray | None = None) -> Iterator[list[pb.MemoryChunk]]:
+                   hashes: np.ndarray | None = None) -> Iterator[list[pages.Chunk]]:
     for batch in encoder.batches(bitmap, counts, skip_zero=skip_zero, hashes=hashes):
         yield batch
         tick()
@@ -54,7 +53,7 @@ def encode_batches(encoder: pages.Encoder, bitmap: np.ndarray, counts: pages.Cou
 @dataclass
 class Policy:
     downtime_ms: float = 20.0         # budget for the stop-and-copy
-    state_overhead_ms: float = 8.0    # device/vCPU state save + restore, measured on this host
+    state_overhead_ms: float = 12.0   # pause+save, restore, commit, resume: measured here
     max_rounds: int = 30
     timeout_s: float = 0.0            # 0: no timeout
     auto_converge: bool = True

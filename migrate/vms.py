@@ -83,12 +83,77 @@ class LocalVm:
         self.op_lock.release()
 
 
+class Standby:
+    """VMM processes started ahead of need (imports done, KVM checked), so a
+    new guest or an incoming migration gets its VMM in milliseconds."""
+
+    PREFIX = ".standby-"
+
+    def __init__(self, root: Path, count: int) -> None:
+        self.root = root
+        self.count = count
+        self._ready: list[tuple[subprocess.Popen, Path]] = []
+        self._lock = threading.Lock()
+        self._starting = 0
+        self._closed = False
+
+    def refill(self) -> None:
+        with self._lock:
+            missing = self.count - len(self._ready) - self._starting
+            if missing <= 0 or self._closed:
+                return
+            self._starting += missing
+        for _ in range(missing):
+            threading.Thread(target=self._start_one, name="standby", daemon=True).start()
+
+    def _start_one(self) -> None:
+        import uuid
+
+        vm_dir = self.root / f"{self.PREFIX}{uuid.uuid4().hex[:8]}"
+        try:
+            vm_dir.mkdir(mode=0o700)
+            proc, client = spawn_vmm(vm_dir, None)
+            client.close()
+        except (VmmError, OSError):
+            shutil.rmtree(vm_dir, ignore_errors=True)
+            with self._lock:
+                self._starting -= 1
+            return
+        with self._lock:
+            self._starting -= 1
+            if self._closed:
+                kill_vmm(proc.pid)
+                shutil.rmtree(vm_dir, ignore_errors=True)
+                return
+            self._ready.append((proc, vm_dir))
+
+    def take(self) -> tuple[subprocess.Popen, Path] | None:
+        with self._lock:
+            while self._ready:
+                proc, vm_dir = self._ready.pop(0)
+                if proc.poll() is None:
+                    return proc, vm_dir
+                shutil.rmtree(vm_dir, ignore_errors=True)
+        return None
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            ready, self._ready = self._ready, []
+        for proc, vm_dir in ready:
+            kill_vmm(proc.pid)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(5)
+            shutil.rmtree(vm_dir, ignore_errors=True)
+
+
 class VmRegistry:
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, standby: int = 1) -> None:
         self.root = state_dir / "vms"
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._vms: dict[str, LocalVm] = {}
         self._lock = threading.Lock()
+        self.standby = Standby(self.root, standby)
 
     def __contains__(self, name: str) -> bool:
         with self._lock:
@@ -123,14 +188,36 @@ class VmRegistry:
         if console_seed:
             (vm_dir / CONSOLE_NAME).write_bytes(console_seed)
         try:
-            proc, client = spawn_vmm(vm_dir, config, memory_file=memory_file)
+            proc, client = self._from_standby(vm_dir, config, memory_file) or \
+                spawn_vmm(vm_dir, config, memory_file=memory_file)
         except VmmError:
             shutil.rmtree(vm_dir, ignore_errors=True)
             raise
+        finally:
+            self.standby.refill()
         vm = LocalVm(name=name, dir=vm_dir, client=client, pid=proc.pid, config=config, proc=proc)
         if not dir_name:
             self.add(vm)
         return vm
+
+    def _from_standby(self, vm_dir: Path, config: pb.VmConfig,
+                      memory_file: str | None) -> tuple[subprocess.Popen, VmmClient] | None:
+        got = self.standby.take()
+        if got is None:
+            return None
+        proc, standby_dir = got
+        # The standby's files (its socket among them) move into the guest's directory.
+        for f in standby_dir.iterdir():
+            f.rename(vm_dir / f.name)
+        standby_dir.rmdir()
+        client = VmmClient(vm_dir)
+        try:
+            client.create(config, vm_dir, memory_file or "")
+        except VmmError:
+            client.close()
+            kill_vmm(proc.pid)
+            raise
+        return proc, client
 
     def add(self, vm: LocalVm) -> None:
         with self._lock:
@@ -167,6 +254,12 @@ class VmRegistry:
         for vm_dir in sorted(self.root.iterdir()):
             if not vm_dir.is_dir():
                 continue
+            if vm_dir.name.startswith(Standby.PREFIX):   # a previous agent's spare
+                pid = read_pid(vm_dir)
+                if pid and pid_alive(pid):
+                    kill_vmm(pid)
+                shutil.rmtree(vm_dir, ignore_errors=True)
+                continue
             pid = read_pid(vm_dir)
             if pid is None or not pid_alive(pid):
                 shutil.rmtree(vm_dir, ignore_errors=True)
@@ -190,6 +283,7 @@ class VmRegistry:
         return adopted, removed
 
     def close(self) -> None:
+        self.standby.close()
         for vm in self.all():
             with contextlib.suppress(Exception):
                 vm.client.close()

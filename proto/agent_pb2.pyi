@@ -363,12 +363,22 @@ class NegotiateReply(_message.Message):
     def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ..., state_version: _Optional[int] = ..., version: _Optional[_Union[VersionInfo, _Mapping]] = ..., compressions: _Optional[_Iterable[str]] = ..., max_streams: _Optional[int] = ...) -> None: ...
 
 class PrepareRequest(_message.Message):
-    __slots__ = ("migration_id", "config")
+    __slots__ = ("migration_id", "config", "populate")
     MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
+    POPULATE_FIELD_NUMBER: _ClassVar[int]
     migration_id: str
     config: _state_pb2.VmConfig
-    def __init__(self, migration_id: _Optional[str] = ..., config: _Optional[_Union[_state_pb2.VmConfig, _Mapping]] = ...) -> None: ...
+    populate: _containers.RepeatedCompositeFieldContainer[FileRange]
+    def __init__(self, migration_id: _Optional[str] = ..., config: _Optional[_Union[_state_pb2.VmConfig, _Mapping]] = ..., populate: _Optional[_Iterable[_Union[FileRange, _Mapping]]] = ...) -> None: ...
+
+class FileRange(_message.Message):
+    __slots__ = ("offset", "length")
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    length: int
+    def __init__(self, offset: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
 
 class PrepareReply(_message.Message):
     __slots__ = ("prepare_ms",)
@@ -376,15 +386,29 @@ class PrepareReply(_message.Message):
     prepare_ms: float
     def __init__(self, prepare_ms: _Optional[float] = ...) -> None: ...
 
-class MemoryBatch(_message.Message):
+class PageFrameHeader(_message.Message):
     __slots__ = ("migration_id", "round", "chunks")
     MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
     migration_id: str
     round: int
-    chunks: _containers.RepeatedCompositeFieldContainer[_state_pb2.MemoryChunk]
-    def __init__(self, migration_id: _Optional[str] = ..., round: _Optional[int] = ..., chunks: _Optional[_Iterable[_Union[_state_pb2.MemoryChunk, _Mapping]]] = ...) -> None: ...
+    chunks: _containers.RepeatedCompositeFieldContainer[ChunkHeader]
+    def __init__(self, migration_id: _Optional[str] = ..., round: _Optional[int] = ..., chunks: _Optional[_Iterable[_Union[ChunkHeader, _Mapping]]] = ...) -> None: ...
+
+class ChunkHeader(_message.Message):
+    __slots__ = ("guest_phys_addr", "page_count", "encoding", "checksum", "data_length")
+    GUEST_PHYS_ADDR_FIELD_NUMBER: _ClassVar[int]
+    PAGE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    DATA_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    guest_phys_addr: int
+    page_count: int
+    encoding: _state_pb2.MemoryChunk.Encoding
+    checksum: int
+    data_length: int
+    def __init__(self, guest_phys_addr: _Optional[int] = ..., page_count: _Optional[int] = ..., encoding: _Optional[_Union[_state_pb2.MemoryChunk.Encoding, str]] = ..., checksum: _Optional[int] = ..., data_length: _Optional[int] = ...) -> None: ...
 
 class MemoryAck(_message.Message):
     __slots__ = ("pages", "bytes")
@@ -395,20 +419,22 @@ class MemoryAck(_message.Message):
     def __init__(self, pages: _Optional[int] = ..., bytes: _Optional[int] = ...) -> None: ...
 
 class SwitchoverRequest(_message.Message):
-    __slots__ = ("migration_id", "state", "pages_sent", "chunks_sent", "console_tail", "last_pages")
+    __slots__ = ("migration_id", "state", "pages_sent", "chunks_sent", "console_tail", "last_pages", "stay_paused")
     MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     PAGES_SENT_FIELD_NUMBER: _ClassVar[int]
     CHUNKS_SENT_FIELD_NUMBER: _ClassVar[int]
     CONSOLE_TAIL_FIELD_NUMBER: _ClassVar[int]
     LAST_PAGES_FIELD_NUMBER: _ClassVar[int]
+    STAY_PAUSED_FIELD_NUMBER: _ClassVar[int]
     migration_id: str
     state: _state_pb2.VmState
     pages_sent: int
     chunks_sent: int
     console_tail: bytes
     last_pages: _containers.RepeatedCompositeFieldContainer[_state_pb2.MemoryChunk]
-    def __init__(self, migration_id: _Optional[str] = ..., state: _Optional[_Union[_state_pb2.VmState, _Mapping]] = ..., pages_sent: _Optional[int] = ..., chunks_sent: _Optional[int] = ..., console_tail: _Optional[bytes] = ..., last_pages: _Optional[_Iterable[_Union[_state_pb2.MemoryChunk, _Mapping]]] = ...) -> None: ...
+    stay_paused: bool
+    def __init__(self, migration_id: _Optional[str] = ..., state: _Optional[_Union[_state_pb2.VmState, _Mapping]] = ..., pages_sent: _Optional[int] = ..., chunks_sent: _Optional[int] = ..., console_tail: _Optional[bytes] = ..., last_pages: _Optional[_Iterable[_Union[_state_pb2.MemoryChunk, _Mapping]]] = ..., stay_paused: _Optional[bool] = ...) -> None: ...
 
 class SwitchoverReply(_message.Message):
     __slots__ = ("committed", "steps")

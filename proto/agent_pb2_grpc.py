@@ -119,11 +119,6 @@ class AgentStub:
                 request_serializer=vmigrate_dot_proto_dot_agent__pb2.PrepareRequest.SerializeToString,
                 response_deserializer=vmigrate_dot_proto_dot_agent__pb2.PrepareReply.FromString,
                 _registered_method=True)
-        self.ReceiveMemory = channel.stream_unary(
-                '/vmigrate.v1.Agent/ReceiveMemory',
-                request_serializer=vmigrate_dot_proto_dot_agent__pb2.MemoryBatch.SerializeToString,
-                response_deserializer=vmigrate_dot_proto_dot_agent__pb2.MemoryAck.FromString,
-                _registered_method=True)
         self.Switchover = channel.unary_unary(
                 '/vmigrate.v1.Agent/Switchover',
                 request_serializer=vmigrate_dot_proto_dot_agent__pb2.SwitchoverRequest.SerializeToString,
@@ -243,12 +238,6 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def ReceiveMemory(self, request_iterator, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
     def Switchover(self, request, context):
         """The guest is paused at the source: last pages + state; the destination
         restores, commits the move in the cluster store and runs the guest.
@@ -350,11 +339,6 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.Prepare,
                     request_deserializer=vmigrate_dot_proto_dot_agent__pb2.PrepareRequest.FromString,
                     response_serializer=vmigrate_dot_proto_dot_agent__pb2.PrepareReply.SerializeToString,
-            ),
-            'ReceiveMemory': grpc.stream_unary_rpc_method_handler(
-                    servicer.ReceiveMemory,
-                    request_deserializer=vmigrate_dot_proto_dot_agent__pb2.MemoryBatch.FromString,
-                    response_serializer=vmigrate_dot_proto_dot_agent__pb2.MemoryAck.SerializeToString,
             ),
             'Switchover': grpc.unary_unary_rpc_method_handler(
                     servicer.Switchover,
@@ -826,33 +810,6 @@ class Agent:
             '/vmigrate.v1.Agent/Prepare',
             vmigrate_dot_proto_dot_agent__pb2.PrepareRequest.SerializeToString,
             vmigrate_dot_proto_dot_agent__pb2.PrepareReply.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def ReceiveMemory(request_iterator,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.stream_unary(
-            request_iterator,
-            target,
-            '/vmigrate.v1.Agent/ReceiveMemory',
-            vmigrate_dot_proto_dot_agent__pb2.MemoryBatch.SerializeToString,
-            vmigrate_dot_proto_dot_agent__pb2.MemoryAck.FromString,
             options,
             channel_credentials,
             insecure,

@@ -21,12 +21,14 @@ class VmmStatus(_message.Message):
         PAUSED: _ClassVar[VmmStatus.State]
         STOPPED: _ClassVar[VmmStatus.State]
         CRASHED: _ClassVar[VmmStatus.State]
+        STANDBY: _ClassVar[VmmStatus.State]
     STATE_UNSPECIFIED: VmmStatus.State
     CREATED: VmmStatus.State
     RUNNING: VmmStatus.State
     PAUSED: VmmStatus.State
     STOPPED: VmmStatus.State
     CRASHED: VmmStatus.State
+    STANDBY: VmmStatus.State
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
@@ -62,6 +64,22 @@ class RestoreRequest(_message.Message):
     migration_id: str
     console_history: bytes
     def __init__(self, state: _Optional[_Union[_state_pb2.VmState, _Mapping]] = ..., migration_id: _Optional[str] = ..., console_history: _Optional[bytes] = ...) -> None: ...
+
+class CreateRequest(_message.Message):
+    __slots__ = ("config", "dir", "memory_file")
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    DIR_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_FILE_FIELD_NUMBER: _ClassVar[int]
+    config: _state_pb2.VmConfig
+    dir: str
+    memory_file: str
+    def __init__(self, config: _Optional[_Union[_state_pb2.VmConfig, _Mapping]] = ..., dir: _Optional[str] = ..., memory_file: _Optional[str] = ...) -> None: ...
+
+class ResumeRequest(_message.Message):
+    __slots__ = ("keep_paused",)
+    KEEP_PAUSED_FIELD_NUMBER: _ClassVar[int]
+    keep_paused: bool
+    def __init__(self, keep_paused: _Optional[bool] = ...) -> None: ...
 
 class PauseRequest(_message.Message):
     __slots__ = ("reason", "fetch_dirty_log", "save", "console", "console_from")

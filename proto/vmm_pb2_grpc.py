@@ -40,6 +40,11 @@ class VmmStub:
                 request_serializer=vmigrate_dot_proto_dot_vmm__pb2.Empty.SerializeToString,
                 response_deserializer=vmigrate_dot_proto_dot_vmm__pb2.VmmStatus.FromString,
                 _registered_method=True)
+        self.Create = channel.unary_unary(
+                '/vmigrate.vmm.v1.Vmm/Create',
+                request_serializer=vmigrate_dot_proto_dot_vmm__pb2.CreateRequest.SerializeToString,
+                response_deserializer=vmigrate_dot_proto_dot_vmm__pb2.VmmStatus.FromString,
+                _registered_method=True)
         self.Boot = channel.unary_unary(
                 '/vmigrate.vmm.v1.Vmm/Boot',
                 request_serializer=vmigrate_dot_proto_dot_vmm__pb2.Empty.SerializeToString,
@@ -57,7 +62,7 @@ class VmmStub:
                 _registered_method=True)
         self.Resume = channel.unary_unary(
                 '/vmigrate.vmm.v1.Vmm/Resume',
-                request_serializer=vmigrate_dot_proto_dot_vmm__pb2.Empty.SerializeToString,
+                request_serializer=vmigrate_dot_proto_dot_vmm__pb2.ResumeRequest.SerializeToString,
                 response_deserializer=vmigrate_dot_proto_dot_vmm__pb2.VmmStatus.FromString,
                 _registered_method=True)
         self.Save = channel.unary_unary(
@@ -102,6 +107,15 @@ class VmmServicer:
 
     def Status(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Create(self, request, context):
+        """A standby VMM (started without a config, everything imported and
+        checked) becomes the VMM of this guest: how an agent makes a new guest
+        in milliseconds rather than the ~0.4 s of starting a process.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -187,6 +201,11 @@ def add_VmmServicer_to_server(servicer, server):
                     request_deserializer=vmigrate_dot_proto_dot_vmm__pb2.Empty.FromString,
                     response_serializer=vmigrate_dot_proto_dot_vmm__pb2.VmmStatus.SerializeToString,
             ),
+            'Create': grpc.unary_unary_rpc_method_handler(
+                    servicer.Create,
+                    request_deserializer=vmigrate_dot_proto_dot_vmm__pb2.CreateRequest.FromString,
+                    response_serializer=vmigrate_dot_proto_dot_vmm__pb2.VmmStatus.SerializeToString,
+            ),
             'Boot': grpc.unary_unary_rpc_method_handler(
                     servicer.Boot,
                     request_deserializer=vmigrate_dot_proto_dot_vmm__pb2.Empty.FromString,
@@ -204,7 +223,7 @@ def add_VmmServicer_to_server(servicer, server):
             ),
             'Resume': grpc.unary_unary_rpc_method_handler(
                     servicer.Resume,
-                    request_deserializer=vmigrate_dot_proto_dot_vmm__pb2.Empty.FromString,
+                    request_deserializer=vmigrate_dot_proto_dot_vmm__pb2.ResumeRequest.FromString,
                     response_serializer=vmigrate_dot_proto_dot_vmm__pb2.VmmStatus.SerializeToString,
             ),
             'Save': grpc.unary_unary_rpc_method_handler(
@@ -269,6 +288,33 @@ class Vmm:
             target,
             '/vmigrate.vmm.v1.Vmm/Status',
             vmigrate_dot_proto_dot_vmm__pb2.Empty.SerializeToString,
+            vmigrate_dot_proto_dot_vmm__pb2.VmmStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Create(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vmigrate.vmm.v1.Vmm/Create',
+            vmigrate_dot_proto_dot_vmm__pb2.CreateRequest.SerializeToString,
             vmigrate_dot_proto_dot_vmm__pb2.VmmStatus.FromString,
             options,
             channel_credentials,
@@ -376,7 +422,7 @@ class Vmm:
             request,
             target,
             '/vmigrate.vmm.v1.Vmm/Resume',
-            vmigrate_dot_proto_dot_vmm__pb2.Empty.SerializeToString,
+            vmigrate_dot_proto_dot_vmm__pb2.ResumeRequest.SerializeToString,
             vmigrate_dot_proto_dot_vmm__pb2.VmmStatus.FromString,
             options,
             channel_credentials,

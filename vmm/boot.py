@@ -227,7 +227,7 @@ def plan_layout(kernel: KernelImage, initrd_size: int, cmdline: str,
     ram_end = low[1]
     total = sum(s for _, s in regions)
     if kernel.end > ram_end:
-        raise BootError(f"the kernel needs {kernel.end >> 20} MiB of low memory, the guest has "
+        raise BootError(f"the kernel needs {-(-kernel.end >> 20)} MiB of low memory, the guest has "
                         f"{total >> 20} MiB")
     initrd_addr = 0
     if initrd_size:
@@ -254,8 +254,10 @@ def linux_config(kernel: str | None, initrd: str | None, cmdline: str | None,
 
     With `default_image` and no `kernel`, the default image ('vmigrate image
     build') is used: its raw vmlinux, its initramfs and a command line that
-    starts its workload. A missing `cmdline` means the default one. With
-    `memory_bytes`, the layout is checked against that much RAM too.
+    starts its workload (a quarter of RAM at 4 MiB/s). A missing `cmdline`
+    means the default one; a given one is used as it is. With `memory_bytes`
+    (pass it: the CLI knows --memory), the layout is checked against that
+    much RAM too, else only at boot.
     """
     if kernel is None:
         if not default_image:
@@ -265,7 +267,10 @@ def linux_config(kernel: str | None, initrd: str | None, cmdline: str | None,
         if cmdline is None:
             from vmigrate.vmm.image import kernel_cmdline
 
-            cmdline = default_cmdline(kernel_cmdline(extra="").replace("console=ttyS0", ""))
+            # The workload rewrites a quarter of RAM at 4 MiB/s (64 MiB if RAM is unknown).
+            ws = max(4 * bp.MIB, memory_bytes // 4) if memory_bytes else 64 * bp.MIB
+            workload = kernel_cmdline(ws, 4 * bp.MIB).replace("console=ttyS0", "")
+            cmdline = default_cmdline(workload)
     if cmdline is None:
         cmdline = default_cmdline()
     k = read_kernel(kernel)
@@ -302,6 +307,43 @@ def default_image_files() -> object:
     return image
 
 
+# ---------------------------------------------------------------- CPU
+
+
+# CPUID bits whose instructions KVM cannot run for guest *kernel* code on a
+# host that emulates it (PVM), so Linux must not see them: it would pick the
+# instruction and stop the VM with an emulation failure.
+#   CX16: `lock cmpxchg16b`, which SLUB uses for its lockless freelists.
+EMULATED_KERNEL_CPUID_MASK: dict[tuple[int, str], int] = {
+    (1, "ecx"): 1 << 13,
+}
+# Features such a host shows the guest kernel from the *host's* CPUID whatever
+# KVM_SET_CPUID2 says (they are not in KVM_GET_SUPPORTED_CPUID), so only the
+# kernel's own switches turn them off:
+#   noxsave: XSAVE/XRSTOR (the FPU code uses FXSAVE/FXRSTOR instead);
+#   nosmap:  SMAP, whose stac/clac guard every user-memory access.
+EMULATED_KERNEL_CMDLINE = "noxsave nosmap"
+PVM_MODULE = Path("/sys/module/kvm_pvm")
+
+
+def host_emulates_guest_kernel() -> bool:
+    """True on a PVM host: its KVM runs guest CPL0 code in an instruction emulator."""
+    return PVM_MODULE.exists()
+
+
+def linux_cpuid(entries: list[kvm.CpuidEntry2], emulated_kernel: bool) -> list[kvm.CpuidEntry2]:
+    """The CPUID a Linux guest gets: the template's, less what the host cannot run."""
+    out = []
+    for e in entries:
+        c = kvm.CpuidEntry2.from_buffer_copy(bytes(e))
+        if emulated_kernel:
+            for (leaf, reg), mask in EMULATED_KERNEL_CPUID_MASK.items():
+                if c.function == leaf:
+                    setattr(c, reg, getattr(c, reg) & ~mask)
+        out.append(c)
+    return out
+
+
 # ---------------------------------------------------------------- loading
 
 
@@ -314,8 +356,10 @@ def linux_loader(cfg: pb.LinuxGuestConfig) -> Callable[[Machine], None]:
                             f"{len(machine.vcpus)} (the VMM starts no secondary CPUs)")
         kernel = read_kernel(cfg.kernel)
         initrd = Path(cfg.initrd).read_bytes() if cfg.initrd else b""
+        emulated = host_emulates_guest_kernel()
+        cmdline = host_cmdline(cfg.cmdline, emulated)
         regions = [(r.guest_phys_addr, r.size) for r in machine.memory.regions]
-        layout = plan_layout(kernel, len(initrd), cfg.cmdline, regions)
+        layout = plan_layout(kernel, len(initrd), cmdline, regions)
         if bp.page_tables_end() > bp.CMDLINE_ADDR:
             raise AssertionError("boot page tables overlap the command line")
         write = machine.memory.write
@@ -330,17 +374,29 @@ def linux_loader(cfg: pb.LinuxGuestConfig) -> Callable[[Machine], None]:
                     write(s.addr + s.file_size, bytes(s.mem_size - s.file_size))
         if initrd:
             write(layout.initrd_addr, initrd)
-        write(bp.CMDLINE_ADDR, cfg.cmdline.encode() + b"\0")
+        write(bp.CMDLINE_ADDR, cmdline.encode() + b"\0")
         write(bp.ZERO_PAGE_ADDR, bp.zero_page(kernel.setup_header, layout))
         write(bp.GDT_ADDR, bp.boot_gdt())
         for addr, table in bp.identity_page_tables():
             write(addr, table)
         vcpu = machine.vcpus[0]
+        vcpu.set_cpuid(linux_cpuid(vcpu.cpuid, emulated))
         sregs = vcpu.get_sregs()
         regs = entry_registers(kernel.entry, sregs)
         vcpu.set_initial(regs, sregs)
+        # What the guest really got; saved with the VM, shown by `inspect`.
+        machine.config.linux.cmdline = cmdline
 
     return load
+
+
+def host_cmdline(cmdline: str, emulated_kernel: bool) -> str:
+    """`cmdline` plus the words this host needs (none on an ordinary KVM host)."""
+    if not emulated_kernel:
+        return cmdline
+    words = cmdline.split()
+    extra = [w for w in EMULATED_KERNEL_CMDLINE.split() if w not in words]
+    return " ".join([*words, *extra])
 
 
 def _flat(selector: int, code: bool) -> kvm.Segment:

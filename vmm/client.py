@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import mmap
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +24,8 @@ from vmigrate.vmm.server import CONFIG_NAME, PID_NAME, SOCKET_NAME
 CALL_TIMEOUT_S = 30.0
 START_TIMEOUT_S = 30.0
 STDERR_NAME = "vmm.err"
+MADV_POPULATE_WRITE = 23
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class VmmError(Exception):
@@ -54,6 +58,10 @@ class VmmClient:
         except grpc.RpcError as e:
             raise _one_line(e, what) from None
 
+    def create(self, config: pb.VmConfig, vm_dir: Path, memory_file: str = "") -> None:
+        self._call("create", "Create", vmm_pb2.CreateRequest(
+            config=config, dir=str(vm_dir), memory_file=memory_file))
+
     def status(self, timeout: float = CALL_TIMEOUT_S) -> vmm_pb2.VmmStatus:
         return self._call("status", "Status", vmm_pb2.Empty(), timeout)
 
@@ -76,7 +84,11 @@ class VmmClient:
             console_from=console_from or 0))
 
     def resume(self) -> vmm_pb2.VmmStatus:
-        return self._call("resume", "Resume", vmm_pb2.Empty())
+        return self._call("resume", "Resume", vmm_pb2.ResumeRequest())
+
+    def resume_paused(self) -> vmm_pb2.VmmStatus:
+        """Make a restored guest an ordinary paused VM without running it."""
+        return self._call("resume", "Resume", vmm_pb2.ResumeRequest(keep_paused=True))
 
     def save(self) -> pb.VmState:
         return self._call("save", "Save", vmm_pb2.Empty())
@@ -159,12 +171,16 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
-def spawn_vmm(vm_dir: Path, config: pb.VmConfig, memory_file: str | None = None,
+def spawn_vmm(vm_dir: Path, config: pb.VmConfig | None, memory_file: str | None = None,
               timeout: float = START_TIMEOUT_S) -> tuple[subprocess.Popen, VmmClient]:
-    """Start a VMM process for `config` in `vm_dir` and wait until it answers."""
+    """Start a VMM process for `config` in `vm_dir` and wait until it answers
+    (config None: a standby VMM, waiting for a Create call)."""
     vm_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    (vm_dir / CONFIG_NAME).write_bytes(config.SerializeToString())
     argv = [sys.executable, "-m", "vmigrate.vmm", "--dir", str(vm_dir)]
+    if config is None:
+        argv.append("--standby")
+    else:
+        (vm_dir / CONFIG_NAME).write_bytes(config.SerializeToString())
     if memory_file:
         argv += ["--memory-file", memory_file]
     err_path = vm_dir / STDERR_NAME
@@ -226,6 +242,35 @@ class MappedMemory:
             raise VmmError(f"cannot open guest memory {info.path}: {e.strerror}") from None
         prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
         self.map = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED, prot)
+
+    def populate_async(self, ranges: list[tuple[int, int]]) -> threading.Thread:
+        """Pre-fault these byte ranges in a background thread (writing into
+        never-touched memory is the receiver's biggest cost). The thread holds
+        its own reference to the file, so close() may run meanwhile."""
+        fd = os.dup(self.fd)
+        size = self.size
+
+        def run() -> None:
+            try:
+                m = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            except OSError:
+                os.close(fd)
+                return
+            base = ctypes.addressof(ctypes.c_char.from_buffer(m))
+            try:
+                for off, length in ranges:
+                    if _libc.madvise(ctypes.c_void_p(base + off), ctypes.c_size_t(length),
+                                     MADV_POPULATE_WRITE) != 0:
+                        break           # kernel too old: the writes fault pages in anyway
+            finally:
+                base = 0
+                with contextlib.suppress(BufferError):
+                    m.close()
+                os.close(fd)
+
+        t = threading.Thread(target=run, name="populate", daemon=True)
+        t.start()
+        return t
 
     def close(self) -> None:
         with contextlib.suppress(BufferError):

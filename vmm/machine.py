@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import enum
+import functools
 import signal
 import threading
 import time
@@ -98,7 +99,7 @@ class Machine:
         base_cpuid = template.apply(self.kvm.supported_cpuid())
         for v in self.vcpus:
             v.set_cpuid(cpu_model.for_vcpu(base_cpuid, v.index, config.vcpu_count))
-            v.instruction_reader = self._instruction_bytes
+            v.instruction_reader = functools.partial(self._instruction_bytes, vcpu=v)
 
         self.bus = IoBus()
         self.uart = Uart(self._set_uart_irq, self.console.write)
@@ -136,12 +137,21 @@ class Machine:
         self._stop_from_guest(GuestStopped(
             f"guest fault (exception vector {value:#x}); see the console", True))
 
-    def _instruction_bytes(self, rip: int) -> bytes:
-        """Best effort: the bytes at rip when rip maps 1:1 (the test guest, early boot)."""
-        try:
-            return self.memory.read(rip & 0xFFFFFFFFFFFF, 15)
-        except ValueError:
-            return b""
+    def _instruction_bytes(self, rip: int, vcpu: Vcpu | None = None) -> bytes:
+        """Best effort: the bytes at rip, through the vCPU's page tables when rip is
+        virtual (a Linux kernel), else where rip maps 1:1 (the test guest, early boot)."""
+        from vmigrate.vmm import insn
+
+        gpa = insn.translate(vcpu.fd, rip) if vcpu is not None else None
+        for addr in (gpa, rip & 0xFFFFFFFFFFFF):
+            if addr is None:
+                continue
+            try:
+                # Up to 15 bytes, without crossing into an unmapped page.
+                return self.memory.read(addr, min(15, PAGE - (addr % PAGE)))
+            except ValueError:
+                continue
+        return b""
 
     # ---------------------------------------------------------------- lifecycle
     def on_state_change(self, fn: Callable[[MachineState], None]) -> None:
@@ -231,7 +241,24 @@ class Machine:
             self._set_state(MachineState.RUNNING)
             self.ctl.release()
 
+    def activate_paused(self) -> None:
+        """A restored VM that stays paused: start its vCPU threads parked, so
+        it behaves like any paused VM (resume, save, migrate) without running."""
+        with self._lock:
+            if self.state == MachineState.PAUSED:
+                return
+            self._require(MachineState.CREATED, "activate")
+            self.ctl.request_pause()
+            self._start_threads()
+            if not self.ctl.wait_parked(PAUSE_TIMEOUT_S):
+                raise MachineError("vCPU threads did not start")
+            self._set_state(MachineState.PAUSED)
+
     def _stop_from_guest(self, e: GuestStopped) -> None:
+        if "emulation failure" in e.detail:
+            from vmigrate.vmm import insn
+
+            e = GuestStopped(insn.explain_emulation_failure(e.detail), e.crashed)
         with self._lock:
             if self.state in (MachineState.STOPPED, MachineState.CRASHED):
                 return

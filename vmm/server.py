@@ -57,15 +57,50 @@ def test_guest_params(config: pb.VmConfig) -> object:
 
 
 class VmmService(vmm_pb2_grpc.VmmServicer):
-    def __init__(self, machine: Machine, done: threading.Event) -> None:
-        self.m = machine
+    def __init__(self, vm_dir: Path, done: threading.Event) -> None:
+        self.dir = vm_dir
+        self._m: Machine | None = None
+        self.console: Console | None = None
         self.done = done
         self.awaiting_commit = False
         self.migration_id = ""
         self.pause_reason = ""
+        self._create_lock = threading.Lock()
+
+    @property
+    def m(self) -> Machine:
+        if self._m is None:
+            raise MachineError("this VMM is on standby: it has no guest yet")
+        return self._m
+
+    def create(self, config: pb.VmConfig, vm_dir: Path, memory_file: str = "") -> None:
+        """Make the machine (at startup, or later for a standby VMM)."""
+        with self._create_lock:
+            if self._m is not None:
+                raise MachineError("this VMM already has a guest")
+            memory_fd = None
+            if memory_file:
+                try:
+                    memory_fd = os.open(memory_file, os.O_RDWR | os.O_CLOEXEC)
+                except OSError as e:
+                    raise MachineError(f"cannot open memory file {memory_file}: "
+                                       f"{e.strerror}") from None
+            console = Console(vm_dir / CONSOLE_NAME)
+            try:
+                machine = Machine(config, console=console, memory_fd=memory_fd)
+            except BaseException:
+                console.close()
+                raise
+            self.dir = vm_dir
+            (vm_dir / CONFIG_NAME).write_bytes(config.SerializeToString())
+            (vm_dir / PID_NAME).write_text(f"{os.getpid()}\n")
+            self.console = console
+            self._m = machine
 
     def _status(self) -> vmm_pb2.VmmStatus:
-        m = self.m
+        if self._m is None:
+            return vmm_pb2.VmmStatus(state=vmm_pb2.VmmStatus.STANDBY, pid=os.getpid())
+        m = self._m
         uptime = m.run_seconds + (time.monotonic() - m._run_started
                                   if m.state == MachineState.RUNNING else 0.0)
         return vmm_pb2.VmmStatus(
@@ -78,6 +113,17 @@ class VmmService(vmm_pb2_grpc.VmmServicer):
     def _fail(self, context: grpc.ServicerContext, e: Exception,
               code: grpc.StatusCode = grpc.StatusCode.FAILED_PRECONDITION) -> None:
         context.abort(code, str(e))
+
+    def Create(self, request: vmm_pb2.CreateRequest,
+               context: grpc.ServicerContext) -> vmm_pb2.VmmStatus:
+        try:
+            self.create(request.config, Path(request.dir) if request.dir else self.dir,
+                        request.memory_file)
+        except (MachineError, kvm.KvmError, ValueError) as e:
+            self._fail(context, e)
+        except OSError as e:
+            self._fail(context, MachineError(f"cannot create the VM: {e.strerror or e}"))
+        return self._status()
 
     def Status(self, request: vmm_pb2.Empty, context: grpc.ServicerContext) -> vmm_pb2.VmmStatus:
         return self._status()
@@ -113,8 +159,10 @@ class VmmService(vmm_pb2_grpc.VmmServicer):
               context: grpc.ServicerContext) -> vmm_pb2.PauseReply:
         m = self.m
         try:
+            was_paused = m.state == MachineState.PAUSED
             reply = vmm_pb2.PauseReply(pause_ms=m.pause())
-            self.pause_reason = request.reason or "user"
+            if not was_paused:
+                self.pause_reason = request.reason or "user"
             if request.fetch_dirty_log:
                 if not m.memory.dirty_logging:
                     raise MachineError("dirty logging is not on")
@@ -130,9 +178,14 @@ class VmmService(vmm_pb2_grpc.VmmServicer):
             self._fail(context, e)
             raise
 
-    def Resume(self, request: vmm_pb2.Empty, context: grpc.ServicerContext) -> vmm_pb2.VmmStatus:
+    def Resume(self, request: vmm_pb2.ResumeRequest,
+               context: grpc.ServicerContext) -> vmm_pb2.VmmStatus:
         try:
-            self.m.resume()
+            if request.keep_paused:
+                self.m.activate_paused()
+                self.pause_reason = "user"
+            else:
+                self.m.resume()
         except MachineError as e:
             self._fail(context, e)
         self.awaiting_commit = False
@@ -202,9 +255,36 @@ class VmmService(vmm_pb2_grpc.VmmServicer):
 
     def Shutdown(self, request: vmm_pb2.ShutdownRequest,
                  context: grpc.ServicerContext) -> vmm_pb2.Empty:
-        self.m.stop(request.reason or "stopped")
+        if self._m is not None:
+            self._m.stop(request.reason or "stopped")
         self.done.set()
         return vmm_pb2.Empty()
+
+
+def _clean_errors(cls: type) -> type:
+    """Every RPC answers an expected failure with FAILED_PRECONDITION and one
+    line, not gRPC's 'Exception calling application' with a traceback."""
+    import functools
+    import inspect
+
+    for name in vmm_pb2.DESCRIPTOR.services_by_name["Vmm"].methods_by_name:
+        fn = getattr(cls, name)
+        if inspect.isgeneratorfunction(fn):
+            continue          # ConsoleRead: its errors surface in the stream
+
+        def wrap(fn: object) -> object:
+            @functools.wraps(fn)  # type: ignore[arg-type]
+            def method(self: object, request: object, context: grpc.ServicerContext) -> object:
+                try:
+                    return fn(self, request, context)  # type: ignore[operator]
+                except (MachineError, kvm.KvmError) as e:
+                    context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+            return method
+        setattr(cls, name, wrap(fn))
+    return cls
+
+
+VmmService = _clean_errors(VmmService)
 
 
 def _die(msg: str) -> None:
@@ -212,29 +292,30 @@ def _die(msg: str) -> None:
     sys.exit(2)
 
 
-def serve(vm_dir: Path, memory_file: str | None = None) -> None:
-    install_kick_handler()
-    try:
-        config = pb.VmConfig.FromString((vm_dir / CONFIG_NAME).read_bytes())
-    except (OSError, ValueError) as e:
-        _die(f"cannot read {vm_dir / CONFIG_NAME}: {e}")
-    memory_fd = None
-    regions = None
-    if memory_file:
-        try:
-            memory_fd = os.open(memory_file, os.O_RDWR | os.O_CLOEXEC)
-        except OSError as e:
-            _die(f"cannot open memory file {memory_file}: {e.strerror}")
-    console = Console(vm_dir / CONSOLE_NAME)
-    try:
-        machine = Machine(config, console=console, memory_fd=memory_fd, regions=regions)
-    except (MachineError, kvm.KvmError, ValueError) as e:
-        _die(str(e))
-    except OSError as e:
-        _die(f"cannot create the VM: {e.strerror or e}")
+def serve(vm_dir: Path, memory_file: str | None = None, standby: bool = False) -> None:
+    from vmigrate.vmm.malloc_tuning import tune_malloc
 
+    tune_malloc()
+    install_kick_handler()
     done = threading.Event()
-    service = VmmService(machine, done)
+    service = VmmService(vm_dir, done)
+    if standby:
+        try:      # fail now, not when a guest is waiting for us
+            kvm.Kvm().require_capabilities()
+        except kvm.KvmError as e:
+            _die(str(e))
+    else:
+        try:
+            config = pb.VmConfig.FromString((vm_dir / CONFIG_NAME).read_bytes())
+        except (OSError, ValueError) as e:
+            _die(f"cannot read {vm_dir / CONFIG_NAME}: {e}")
+        try:
+            service.create(config, vm_dir, memory_file or "")
+        except (MachineError, kvm.KvmError, ValueError) as e:
+            _die(str(e))
+        except OSError as e:
+            _die(f"cannot create the VM: {e.strerror or e}")
+
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="ctl"),
                          options=[("grpc.max_receive_message_length", 64 << 20),
                                   ("grpc.max_send_message_length", 64 << 20)])
@@ -256,13 +337,17 @@ def serve(vm_dir: Path, memory_file: str | None = None) -> None:
         while not done.wait(0.5):
             pass
     finally:
-        machine.stop("VMM shut down")
+        machine = service._m
+        if machine is not None:
+            machine.stop("VMM shut down")
         server.stop(grace=0.5).wait(2)
-        console.close()
-        machine.close()
-        for name in (SOCKET_NAME, PID_NAME):
+        if service.console is not None:
+            service.console.close()
+        if machine is not None:
+            machine.close()
+        for name in (SOCKET_NAME, PID_NAME):     # where they are now (a standby VMM moves)
             with contextlib.suppress(FileNotFoundError):
-                (vm_dir / name).unlink()
+                (service.dir / name).unlink()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -270,5 +355,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dir", required=True, type=Path, help="the guest's directory")
     ap.add_argument("--memory-file", help="map this memory file instead of a fresh memfd "
                                           "(same-host upgrade: the old VMM's memory)")
+    ap.add_argument("--standby", action="store_true",
+                    help="start without a guest and wait for a Create call")
     opts = ap.parse_args(argv)
-    serve(opts.dir, opts.memory_file)
+    serve(opts.dir, opts.memory_file, opts.standby)

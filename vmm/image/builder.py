@@ -273,15 +273,18 @@ def verify_image(out_dir: Path) -> GuestImage:
     return GuestImage.from_manifest(out_dir)
 
 
+def _check_replaceable(out_dir: Path) -> None:
+    """Refuse to replace a directory that holds anything but an image of ours."""
+    ours = {BZIMAGE_NAME, VMLINUX_NAME, INITRAMFS_NAME, WORKLOAD_NAME, MANIFEST_NAME}
+    if not out_dir.is_dir() or any(p.name not in ours for p in out_dir.iterdir()):
+        raise ImageBuildError(f"{out_dir} exists and is not an image directory: not replacing it")
+
+
 def _install(staging: Path, out_dir: Path) -> None:
     """Move a finished staging directory to out_dir atomically (replacing a stale one)."""
     old: Path | None = None
     if out_dir.exists():
-        ours = {BZIMAGE_NAME, VMLINUX_NAME, INITRAMFS_NAME, WORKLOAD_NAME, MANIFEST_NAME}
-        if not out_dir.is_dir() or any(p.name not in ours for p in out_dir.iterdir()):
-            raise ImageBuildError(
-                f"{out_dir} exists and is not an image directory: not replacing it"
-            )
+        _check_replaceable(out_dir)
         old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
         out_dir.rename(old)
     try:
@@ -313,6 +316,8 @@ def build_image(
         return cached
 
     t0 = time.monotonic()
+    if out_dir.exists():
+        _check_replaceable(out_dir)
     _check_tools(cc)
     with _disk_errors(out_dir):
         out_dir.parent.mkdir(parents=True, exist_ok=True)
