@@ -43,7 +43,8 @@ def agent_argv(name: str, listen: str, state_dir: Path, store_url: str,
     return argv
 
 
-def start_agent(argv: list[str], state_dir: Path, netns_argv: list[str] | None = None) -> dict:
+def start_agent(argv: list[str], state_dir: Path, netns_argv: list[str] | None = None,
+                env: dict[str, str] | None = None) -> dict:
     """Start an agent as a daemon and wait until it serves; returns its agent.json."""
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     info_path = state_dir / "agent.json"
@@ -52,7 +53,7 @@ def start_agent(argv: list[str], state_dir: Path, netns_argv: list[str] | None =
     log = open(state_dir / "agent.log", "ab")  # noqa: SIM115
     full = (netns_argv or []) + argv
     proc = subprocess.Popen(full, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                            start_new_session=True, close_fds=True)
+                            start_new_session=True, close_fds=True, env=env)
     log.close()
     deadline = time.monotonic() + AGENT_START_TIMEOUT_S
     while time.monotonic() < deadline:
@@ -166,6 +167,7 @@ def cluster_down(cfg: ClusterConfig, st: store.ClusterStore | None) -> list[str]
         if st is not None:
             with contextlib.suppress(store.StoreError):
                 st.deregister_host(name)
+    kill_leftover_vmms(cdir / "hosts")
     if cfg.store_url.startswith("sqlite:"):
         for suffix in ("", "-wal", "-shm"):
             with contextlib.suppress(FileNotFoundError):
@@ -174,6 +176,19 @@ def cluster_down(cfg: ClusterConfig, st: store.ClusterStore | None) -> list[str]
         (cdir / CLUSTER_FILE).unlink()
     shutil.rmtree(cdir / "hosts", ignore_errors=True)
     return stopped
+
+
+def kill_leftover_vmms(root: Path) -> list[int]:
+    """VMM processes whose agent is gone for good (killed, never restarted)."""
+    from vmigrate.vmm.client import kill_vmm, read_pid
+
+    killed = []
+    for pid_file in root.glob("*/vms/*/vmm.pid"):
+        pid = read_pid(pid_file.parent)
+        if pid and pid_alive(pid):
+            kill_vmm(pid)
+            killed.append(pid)
+    return killed
 
 
 # ---------------------------------------------------------------- on-demand agent

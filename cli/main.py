@@ -193,6 +193,9 @@ def cmd_down(s: Session, a: argparse.Namespace) -> int:
     if agent_info(local_dir()) is not None:
         stop_agent(local_dir(), local_address(), None, LOCAL_HOST)
         stopped.append(LOCAL_HOST)
+    from vmigrate.cli.cluster import kill_leftover_vmms
+
+    kill_leftover_vmms(local_dir().parent)
     if a.json:
         output.print_json({"stopped": stopped})
     else:

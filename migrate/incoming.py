@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from vmigrate.migrate import pages, pagestream, store, translate, versions
+from vmigrate.migrate import faults, pages, pagestream, store, translate, versions
 from vmigrate.migrate.errors import AgentError
 from vmigrate.migrate.progress import Stopwatch
 from vmigrate.migrate.vms import LocalVm, check_vm_name
@@ -189,6 +189,7 @@ class IncomingMigrations:
                 self._discard(m, f"prepare failed: {e}")
                 raise
             m.phase = Phase.PREPARED
+        faults.hold("destination", "prepare")
         return agent_pb2.PrepareReply(prepare_ms=(time.monotonic() - t0) * 1000)
 
     def receive_memory(self, frames: Iterator[bytes],
@@ -275,8 +276,10 @@ class IncomingMigrations:
                     from None
             m.phase = Phase.SWITCHED
             m.switched_at = time.monotonic()
+            faults.hold("destination", "switchover")
             self._commit_locked(m)
             step("store_commit")
+            faults.hold("destination", "commit")
             self._run_locked(m, paused=req.stay_paused)
             step("resume")
         reply.committed = True

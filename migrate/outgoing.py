@@ -26,6 +26,7 @@ import numpy as np
 
 from vmigrate.migrate import (
     channels,
+    faults,
     hostinfo,
     pages,
     pagestream,
@@ -250,6 +251,7 @@ class Migration:
                                  grpc.StatusCode.UNAVAILABLE)
             self.channel = channels.agent_channel(agent.cfg, host.address, self.dest)
             self.stub = agent_pb2_grpc.AgentStub(self.channel)
+            faults.hold("source", "negotiate")
             version = self._negotiate()
             self.report.state_version = version
             agent.store.begin_migration(vm.name, self.id, agent.name, self.dest)
@@ -279,6 +281,7 @@ class Migration:
                     downtime_ms=self.opts.downtime_ms, timeout_s=self.opts.timeout_s,
                     auto_converge=self.opts.auto_converge, max_rounds=30),
                 cancel=vm.cancel, progress=self.emit, last_fetch=t_log)
+            faults.hold("source", "precopy")
             last = pc.run(first, fresh_target=True)
 
             # ---- stop-and-copy
@@ -290,6 +293,7 @@ class Migration:
             paused = vm.client.pause_and_save("migration", console_from=console_end)
             self.report.pause_ms = paused.pause_ms
             step("pause_and_save")
+            faults.hold("source", "stop-and-copy")
             final = np.bitwise_or(last, np.frombuffer(paused.dirty_bitmap, dtype=np.uint64))
             inline = self._last_pages(pc, sink, encoders[0], final)
             step("last_pages")

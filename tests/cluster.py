@@ -126,13 +126,30 @@ class NetnsCluster(ClusterBase):
             self.close()
             raise
 
-    def restart_agent(self, name: str) -> None:
+    def restart_agent(self, name: str, hold: str = "") -> None:
+        """Start host `name`'s agent again (after a kill), optionally with
+        VMIGRATE_HOLD hold points (migrate/faults.py)."""
         from vmigrate.cli.cluster import agent_argv, start_agent
 
         h = self.hosts[name]
         state_dir = self.home / "cluster" / "hosts" / name
+        env = {**os.environ, "VMIGRATE_HOLD": hold} if hold else None
         start_agent(agent_argv(name, f"{h.ip}:7070", state_dir, self.cfg.store_url,
-                               state_dir / "tls"), state_dir, netns_argv=h.netns_argv([]))
+                               state_dir / "tls"), state_dir, netns_argv=h.netns_argv([]),
+                    env=env)
+
+    def stop_agent(self, name: str, kill: bool = False) -> None:
+        """Stop (SIGTERM) or kill (SIGKILL) host `name`'s agent; its guests' VMMs live on."""
+        import signal
+
+        pid = self.agent_pid(name)
+        os.kill(pid, signal.SIGKILL if kill else signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split(") ", 1)[1][0] == "Z":
+                    break
+            time.sleep(0.05)
 
     def agent_pid(self, name: str) -> int:
         return int(json.loads((self.home / "cluster" / "hosts" / name / "agent.json")
