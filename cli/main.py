@@ -233,7 +233,7 @@ def cmd_hosts(s: Session, a: argparse.Namespace) -> int:
 
 
 def _guest_config(a: argparse.Namespace) -> pb.VmConfig:
-    memory = parse_size(a.memory, "--memory")
+    memory = parse_size(a.memory or ("256M" if (a.linux or a.kernel) else "64M"), "--memory")
     if memory < (4 << 20) or memory % 4096:
         raise CliError("--memory must be at least 4M and a multiple of 4K")
     if a.vcpus < 1:
@@ -257,7 +257,8 @@ def _guest_config(a: argparse.Namespace) -> pb.VmConfig:
         from vmigrate.vmm import boot
 
         try:
-            config.linux.CopyFrom(boot.linux_config(a.kernel, a.initrd, a.cmdline, a.linux))
+            config.linux.CopyFrom(boot.linux_config(a.kernel, a.initrd, a.cmdline, a.linux,
+                                                    memory_bytes=memory))
         except boot.BootError as e:
             raise CliError(str(e)) from None
     else:
@@ -274,6 +275,10 @@ def cmd_run(s: Session, a: argparse.Namespace) -> int:
         raise CliError(str(e)) from None
     config = _guest_config(a)
     host = a.on or s.pick_host(config.memory_bytes)
+    if config.WhichOneof("guest") == "linux":
+        from vmigrate.cli.linux_commands import check_linux_host
+
+        check_linux_host(s, host, a)
     info = rpc(lambda: s.agent(host).RunVm(agent_pb2.RunVmRequest(config=config,
                                                                   paused=a.paused),
                                            timeout=120))
@@ -502,7 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
     kind.add_argument("--kernel", help="a Linux kernel (bzImage or vmlinux) to boot")
     p.add_argument("--initrd", help="initramfs for --kernel")
     p.add_argument("--cmdline", help="kernel command line for --kernel/--linux")
-    p.add_argument("--memory", default="64M", help="guest memory (default 64M)")
+    p.add_argument("--memory", help="guest memory (default 64M; 256M for Linux)")
     p.add_argument("--vcpus", type=int, default=1, help="vCPUs (default 1)")
     p.add_argument("--working-set", help="test guest: memory it rewrites (default half)")
     p.add_argument("--dirty-rate", default="4M",
@@ -511,6 +516,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu-template", default="host", help="CPU model: host or baseline")
     p.add_argument("--on", metavar="HOST", help="host to run on (default: most free memory)")
     p.add_argument("--paused", action="store_true", help="create it but do not start it")
+    from vmigrate.cli.linux_commands import add_run_options
+
+    add_run_options(p)
 
     p = cmd("ps", cmd_ps, "list guests")
     p.add_argument("--all", action="store_true", help="every host of the cluster")
@@ -570,9 +578,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_later_commands(cmd: Callable) -> None:
     """Commands of the other modules (cluster operations, images, security)."""
-    from vmigrate.cli import commands_extra
+    from vmigrate.cli import commands_extra, linux_commands
 
     commands_extra.register(cmd)
+    linux_commands.register(cmd)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,6 +34,7 @@ from vmigrate.vmm import bootparams as bp
 from vmigrate.vmm import kvm
 
 if TYPE_CHECKING:
+    from vmigrate.vmm.image import GuestImage
     from vmigrate.vmm.machine import Machine
 
 ELF_MAGIC = b"\x7fELF"
@@ -269,8 +270,11 @@ def linux_config(kernel: str | None, initrd: str | None, cmdline: str | None,
 
             # The workload rewrites a quarter of RAM at 4 MiB/s (64 MiB if RAM is unknown).
             ws = max(4 * bp.MIB, memory_bytes // 4) if memory_bytes else 64 * bp.MIB
-            workload = kernel_cmdline(ws, 4 * bp.MIB).replace("console=ttyS0", "")
-            cmdline = default_cmdline(workload)
+            # Boot messages stay on (no "quiet"): on a slow host they are the progress.
+            base = BASE_CMDLINE.split()
+            workload = [w for w in kernel_cmdline(ws, 4 * bp.MIB).split()
+                        if w not in base and w != "quiet"]
+            cmdline = default_cmdline(" ".join(workload))
     if cmdline is None:
         cmdline = default_cmdline()
     k = read_kernel(kernel)
@@ -287,7 +291,7 @@ def linux_config(kernel: str | None, initrd: str | None, cmdline: str | None,
                                cmdline=" ".join(cmdline.split()))
 
 
-def default_image_files() -> object:
+def default_image_files() -> GuestImage:
     """The default guest image, or a BootError saying how to build it."""
     from vmigrate.vmm.image import ImageBuildError, default_image_dir
     from vmigrate.vmm.image.builder import GuestImage
