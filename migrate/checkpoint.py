@@ -12,6 +12,7 @@ first.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -110,7 +111,9 @@ def _checkpoint(agent: Agent, vm: LocalVm, req: agent_pb2.CheckpointRequest,
             producer=f"vmigrate {versions.software_version()}", state_version=target,
             vm=vm.name, created_at=time.time(), memory_bytes=info.size)
         if parent is not None:
-            header.parent_path = str(Path(req.incremental_from).resolve())
+            # Relative to this file, so a chain moved or copied together still restores.
+            header.parent_path = os.path.relpath(Path(req.incremental_from).resolve(),
+                                                 path.resolve().parent)
             header.parent_id = parent.header.file_id
         # Refuse a target version we cannot express before writing anything.
         probe = translate.translate(pb.VmState(state_version=versions.STATE_VERSION_MAX,
@@ -241,7 +244,10 @@ def load_chain(path: Path) -> list[snapfile.Snapshot]:
                                 versions.FEATURES, current)
         chain.append(snap)
         if snap.header.parent_path:
-            current, expected_id = Path(snap.header.parent_path), snap.header.parent_id
+            parent = Path(snap.header.parent_path)
+            if not parent.is_absolute():
+                parent = current.resolve().parent / parent
+            current, expected_id = parent, snap.header.parent_id
             if not current.exists():
                 raise snapfile.SnapshotError(
                     f"{path} is incremental and its parent {current} is missing")
