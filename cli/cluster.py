@@ -34,9 +34,12 @@ IDLE_EXIT_S = 10.0
 
 
 def agent_argv(name: str, listen: str, state_dir: Path, store_url: str,
-               tls_dir: Path | None, idle_exit: float = 0.0) -> list[str]:
-    argv = [sys.executable, "-m", "vmigrate.cli.agent_main", "--name", name, "--listen", listen,
-            "--state-dir", str(state_dir), "--store", store_url]
+               tls_dir: Path | None, idle_exit: float = 0.0,
+               python: str | None = None) -> list[str]:
+    """The command line of an agent (`python`: another installation's, e.g. an
+    older release during a rolling upgrade; default: this one)."""
+    argv = [python or sys.executable, "-m", "vmigrate.cli.agent_main", "--name", name,
+            "--listen", listen, "--state-dir", str(state_dir), "--store", store_url]
     argv += ["--tls-dir", str(tls_dir)] if tls_dir else ["--insecure"]
     if idle_exit:
         argv += ["--idle-exit", str(idle_exit)]

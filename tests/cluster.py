@@ -92,7 +92,10 @@ class NetnsCluster(ClusterBase):
     address, sharing a SQLite (or given) store; the CLI talks to them over the
     namespaces' bridge with mutual TLS, exactly as `vmigrate up` sets it up."""
 
-    def __init__(self, home: Path, hosts: int = 2, store: str | None = None) -> None:
+    def __init__(self, home: Path, hosts: int = 2, store: str | None = None,
+                 pythons: dict[str, str] | None = None) -> None:
+        """`pythons` runs some hosts' agents from another installation (an
+        older release, tests/releases.py)."""
         from tests.netns import Network
         from vmigrate.cli.cluster import agent_argv, start_agent
         from vmigrate.cli.context import ClusterConfig
@@ -109,6 +112,7 @@ class NetnsCluster(ClusterBase):
         self.cfg = ClusterConfig(store_url=store or f"sqlite:///{cdir / 'cluster.db'}",
                                  pki_dir=str(pki_dir))
         self.hosts = {}
+        self.pythons = dict(pythons or {})
         try:
             for i in range(1, hosts + 1):
                 name = f"host{i}"
@@ -118,7 +122,8 @@ class NetnsCluster(ClusterBase):
                 pki.issue_certificate(pki_dir, "agent", name, tls, hosts=[h.ip])
                 self.hosts[name] = h
                 self._argv = agent_argv
-                start_agent(agent_argv(name, f"{h.ip}:7070", state_dir, self.cfg.store_url, tls),
+                start_agent(agent_argv(name, f"{h.ip}:7070", state_dir, self.cfg.store_url, tls,
+                                       python=self.pythons.get(name)),
                             state_dir, netns_argv=h.netns_argv([]))
                 self.cfg.hosts.append(name)
             self.cfg.save(cdir / "cluster.json")
@@ -126,17 +131,19 @@ class NetnsCluster(ClusterBase):
             self.close()
             raise
 
-    def restart_agent(self, name: str, hold: str = "") -> None:
-        """Start host `name`'s agent again (after a kill), optionally with
-        VMIGRATE_HOLD hold points (migrate/faults.py)."""
+    def restart_agent(self, name: str, hold: str = "", python: str | None = None) -> None:
+        """Start host `name`'s agent again (after a kill or stop), optionally with
+        VMIGRATE_HOLD hold points (migrate/faults.py) or another installation."""
         from vmigrate.cli.cluster import agent_argv, start_agent
 
         h = self.hosts[name]
+        if python is not None:
+            self.pythons[name] = python
         state_dir = self.home / "cluster" / "hosts" / name
         env = {**os.environ, "VMIGRATE_HOLD": hold} if hold else None
         start_agent(agent_argv(name, f"{h.ip}:7070", state_dir, self.cfg.store_url,
-                               state_dir / "tls"), state_dir, netns_argv=h.netns_argv([]),
-                    env=env)
+                               state_dir / "tls", python=self.pythons.get(name)),
+                    state_dir, netns_argv=h.netns_argv([]), env=env)
 
     def stop_agent(self, name: str, kill: bool = False) -> None:
         """Stop (SIGTERM) or kill (SIGKILL) host `name`'s agent; its guests' VMMs live on."""
