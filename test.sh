@@ -7,5 +7,6 @@ cd "$(dirname "$0")"
 export PATH="$PWD/.venv/bin:$PATH"
 ruff check .
 python proto/generate.py --check
+python proto/check_breaking.py
 python vmm/testguest/build.py --check
 exec pytest "$@"

@@ -38,7 +38,9 @@ def agent_argv(name: str, listen: str, state_dir: Path, store_url: str,
                python: str | None = None) -> list[str]:
     """The command line of an agent (`python`: another installation's, e.g. an
     older release during a rolling upgrade; default: this one)."""
-    argv = [python or sys.executable, "-m", "vmigrate.cli.agent_main", "--name", name,
+    # -P: never the current directory on sys.path (a checkout there would shadow
+    # the installation this agent is meant to run)
+    argv = [python or sys.executable, "-P", "-m", "vmigrate.cli.agent_main", "--name", name,
             "--listen", listen, "--state-dir", str(state_dir), "--store", store_url]
     argv += ["--tls-dir", str(tls_dir)] if tls_dir else ["--insecure"]
     if idle_exit:
@@ -56,7 +58,7 @@ def start_agent(argv: list[str], state_dir: Path, netns_argv: list[str] | None =
     log = open(state_dir / "agent.log", "ab")  # noqa: SIM115
     full = (netns_argv or []) + argv
     proc = subprocess.Popen(full, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                            start_new_session=True, close_fds=True, env=env)
+                            start_new_session=True, close_fds=True, env=env, cwd="/")
     log.close()
     deadline = time.monotonic() + AGENT_START_TIMEOUT_S
     while time.monotonic() < deadline:

@@ -116,9 +116,13 @@ def _checkpoint(agent: Agent, vm: LocalVm, req: agent_pb2.CheckpointRequest,
                                                  path.resolve().parent)
             header.parent_id = parent.header.file_id
         # Refuse a target version we cannot express before writing anything.
-        probe = translate.translate(pb.VmState(state_version=versions.STATE_VERSION_MAX,
-                                               config=vm.config), target)
-        header.required_features.extend(probe.required_features)
+        needs, why_not = translate.writable_versions(vm.config, list(status.features_in_use))
+        if target in why_not:
+            raise AgentError(f"cannot write state version {target}: {why_not[target]}")
+        if target not in needs:
+            raise ValueError(f"this vmigrate writes state versions {versions.STATE_VERSION_MIN}"
+                             f"-{versions.STATE_VERSION_MAX}, not {target}")
+        header.required_features.extend(needs[target])
         writer = snapfile.SnapshotWriter(path, header)
         memory = MappedMemory(info)
         encoder = pages.Encoder(memory.map, layout, compress, level)

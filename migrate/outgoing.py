@@ -355,22 +355,26 @@ class Migration:
 
     def _negotiate(self) -> int:
         vm = self.vm
-        needs = []
-        for v in range(versions.STATE_VERSION_MAX, versions.STATE_VERSION_MIN - 1, -1):
-            try:
-                s = translate.translate(pb.VmState(state_version=versions.STATE_VERSION_MAX,
-                                                   config=vm.config), v)
-            except translate.NotExpressible:
-                continue
-            needs.append(agent_pb2.StateVersionFeatures(state_version=v,
-                                                        features=s.required_features))
+        needs, why_not = translate.writable_versions(vm.config,
+                                                     list(vm.status().features_in_use))
         _, _, flags = hostinfo.cpu_identity()
         reply = self._call("negotiate", self.stub.Negotiate, agent_pb2.NegotiateRequest(
             migration_id=self.id, vm=vm.name, source_host=self.agent.name,
-            version=versions.version_info(), needs=needs, config=vm.config,
+            version=versions.version_info(), config=vm.config,
+            needs=[agent_pb2.StateVersionFeatures(state_version=v, features=f)
+                   for v, f in needs.items()],
             guest_cpu=agent_pb2.CpuInfo(flags=list(flags)),
             compressions=["raw", "zstd"]))
         if not reply.accepted:
+            peer = reply.version
+            # An older peer only says "no common version"; we know why.
+            blocked = [why_not[v] for v in sorted(why_not)
+                       if peer.state_version_min <= v <= peer.state_version_max]
+            if blocked and not any(peer.state_version_min <= v <= peer.state_version_max
+                                   for v in needs):
+                raise Refused(f"{self.dest} runs vmigrate {peer.software_version} (state "
+                              f"versions {peer.state_version_min}-{peer.state_version_max}) "
+                              f"and {blocked[0]}")
             raise Refused(f"{self.dest} refused the migration: {reply.reason}")
         return reply.state_version
 

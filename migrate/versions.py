@@ -12,8 +12,8 @@ from importlib import metadata
 
 from vmigrate.proto import agent_pb2
 
-STATE_VERSION_MIN = 1
-STATE_VERSION_MAX = 1
+STATE_VERSION_MIN = 1       # 0.1.0's: this release talks to it in both directions
+STATE_VERSION_MAX = 2       # 2: the CMOS real-time clock (dev.rtc)
 
 # Features this build can restore. A state lists the ones it needs in
 # VmState.required_features; a reader refuses a state needing one it lacks.
@@ -25,6 +25,7 @@ FEATURES = (
     "kvm.clock",
     "dev.uart16550",
     "dev.i8042",
+    "dev.rtc",           # state version 2
     "guest.testguest",
     "guest.linux",
 )

@@ -46,18 +46,20 @@ class VmConfig(_message.Message):
     def __init__(self, name: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., vcpu_count: _Optional[int] = ..., test_guest: _Optional[_Union[TestGuestConfig, _Mapping]] = ..., linux: _Optional[_Union[LinuxGuestConfig, _Mapping]] = ..., cpu_template: _Optional[str] = ...) -> None: ...
 
 class TestGuestConfig(_message.Message):
-    __slots__ = ("working_set_bytes", "dirty_rate_bytes_per_s", "timer_hz", "heartbeat_ms", "verify_bytes_per_s")
+    __slots__ = ("working_set_bytes", "dirty_rate_bytes_per_s", "timer_hz", "heartbeat_ms", "verify_bytes_per_s", "use_rtc")
     WORKING_SET_BYTES_FIELD_NUMBER: _ClassVar[int]
     DIRTY_RATE_BYTES_PER_S_FIELD_NUMBER: _ClassVar[int]
     TIMER_HZ_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_MS_FIELD_NUMBER: _ClassVar[int]
     VERIFY_BYTES_PER_S_FIELD_NUMBER: _ClassVar[int]
+    USE_RTC_FIELD_NUMBER: _ClassVar[int]
     working_set_bytes: int
     dirty_rate_bytes_per_s: int
     timer_hz: int
     heartbeat_ms: int
     verify_bytes_per_s: int
-    def __init__(self, working_set_bytes: _Optional[int] = ..., dirty_rate_bytes_per_s: _Optional[int] = ..., timer_hz: _Optional[int] = ..., heartbeat_ms: _Optional[int] = ..., verify_bytes_per_s: _Optional[int] = ...) -> None: ...
+    use_rtc: bool
+    def __init__(self, working_set_bytes: _Optional[int] = ..., dirty_rate_bytes_per_s: _Optional[int] = ..., timer_hz: _Optional[int] = ..., heartbeat_ms: _Optional[int] = ..., verify_bytes_per_s: _Optional[int] = ..., use_rtc: _Optional[bool] = ...) -> None: ...
 
 class LinuxGuestConfig(_message.Message):
     __slots__ = ("kernel", "initrd", "cmdline")
@@ -460,12 +462,14 @@ class ClockState(_message.Message):
     def __init__(self, clock_ns: _Optional[int] = ..., flags: _Optional[int] = ..., realtime_ns: _Optional[int] = ..., host_tsc: _Optional[int] = ...) -> None: ...
 
 class DeviceStates(_message.Message):
-    __slots__ = ("serial0", "i8042")
+    __slots__ = ("serial0", "i8042", "rtc")
     SERIAL0_FIELD_NUMBER: _ClassVar[int]
     I8042_FIELD_NUMBER: _ClassVar[int]
+    RTC_FIELD_NUMBER: _ClassVar[int]
     serial0: UartState
     i8042: I8042State
-    def __init__(self, serial0: _Optional[_Union[UartState, _Mapping]] = ..., i8042: _Optional[_Union[I8042State, _Mapping]] = ...) -> None: ...
+    rtc: RtcState
+    def __init__(self, serial0: _Optional[_Union[UartState, _Mapping]] = ..., i8042: _Optional[_Union[I8042State, _Mapping]] = ..., rtc: _Optional[_Union[RtcState, _Mapping]] = ...) -> None: ...
 
 class UartState(_message.Message):
     __slots__ = ("ier", "lcr", "mcr", "lsr", "msr", "scr", "dll", "dlm", "fcr", "rx_fifo", "thr_interrupt_pending", "irq_level")
@@ -494,6 +498,20 @@ class UartState(_message.Message):
     thr_interrupt_pending: bool
     irq_level: bool
     def __init__(self, ier: _Optional[int] = ..., lcr: _Optional[int] = ..., mcr: _Optional[int] = ..., lsr: _Optional[int] = ..., msr: _Optional[int] = ..., scr: _Optional[int] = ..., dll: _Optional[int] = ..., dlm: _Optional[int] = ..., fcr: _Optional[int] = ..., rx_fifo: _Optional[bytes] = ..., thr_interrupt_pending: _Optional[bool] = ..., irq_level: _Optional[bool] = ...) -> None: ...
+
+class RtcState(_message.Message):
+    __slots__ = ("cmos", "index", "nmi_disabled", "offset_ns", "used")
+    CMOS_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    NMI_DISABLED_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_NS_FIELD_NUMBER: _ClassVar[int]
+    USED_FIELD_NUMBER: _ClassVar[int]
+    cmos: bytes
+    index: int
+    nmi_disabled: bool
+    offset_ns: int
+    used: bool
+    def __init__(self, cmos: _Optional[bytes] = ..., index: _Optional[int] = ..., nmi_disabled: _Optional[bool] = ..., offset_ns: _Optional[int] = ..., used: _Optional[bool] = ...) -> None: ...
 
 class I8042State(_message.Message):
     __slots__ = ("status", "command_byte", "output_byte", "output_full", "pending_command")

@@ -1,8 +1,9 @@
 from vmigrate.proto import state_pb2 as _state_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -12,7 +13,7 @@ class Empty(_message.Message):
     def __init__(self) -> None: ...
 
 class VmmStatus(_message.Message):
-    __slots__ = ("name", "state", "pid", "config", "detail", "exits", "uptime_s", "throttle_percent", "awaiting_commit", "migration_id", "pause_reason", "console_end")
+    __slots__ = ("name", "state", "pid", "config", "detail", "exits", "uptime_s", "throttle_percent", "awaiting_commit", "migration_id", "pause_reason", "console_end", "features_in_use")
     class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATE_UNSPECIFIED: _ClassVar[VmmStatus.State]
@@ -41,6 +42,7 @@ class VmmStatus(_message.Message):
     MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
     PAUSE_REASON_FIELD_NUMBER: _ClassVar[int]
     CONSOLE_END_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_IN_USE_FIELD_NUMBER: _ClassVar[int]
     name: str
     state: VmmStatus.State
     pid: int
@@ -53,7 +55,8 @@ class VmmStatus(_message.Message):
     migration_id: str
     pause_reason: str
     console_end: int
-    def __init__(self, name: _Optional[str] = ..., state: _Optional[_Union[VmmStatus.State, str]] = ..., pid: _Optional[int] = ..., config: _Optional[_Union[_state_pb2.VmConfig, _Mapping]] = ..., detail: _Optional[str] = ..., exits: _Optional[int] = ..., uptime_s: _Optional[float] = ..., throttle_percent: _Optional[int] = ..., awaiting_commit: _Optional[bool] = ..., migration_id: _Optional[str] = ..., pause_reason: _Optional[str] = ..., console_end: _Optional[int] = ...) -> None: ...
+    features_in_use: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., state: _Optional[_Union[VmmStatus.State, str]] = ..., pid: _Optional[int] = ..., config: _Optional[_Union[_state_pb2.VmConfig, _Mapping]] = ..., detail: _Optional[str] = ..., exits: _Optional[int] = ..., uptime_s: _Optional[float] = ..., throttle_percent: _Optional[int] = ..., awaiting_commit: _Optional[bool] = ..., migration_id: _Optional[str] = ..., pause_reason: _Optional[str] = ..., console_end: _Optional[int] = ..., features_in_use: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RestoreRequest(_message.Message):
     __slots__ = ("state", "migration_id", "console_history")

@@ -78,6 +78,6 @@ def release_python(tag: str) -> Path:
 
 
 def release_version(python: Path) -> str:
-    return subprocess.run([str(python), "-c", "from vmigrate.migrate import versions; "
+    return subprocess.run([str(python), "-P", "-c", "from vmigrate.migrate import versions; "
                            "print(versions.software_version())"],
-                          capture_output=True, text=True, check=True).stdout.strip()
+                          capture_output=True, text=True, check=True, cwd="/").stdout.strip()

@@ -176,7 +176,7 @@ def spawn_vmm(vm_dir: Path, config: pb.VmConfig | None, memory_file: str | None 
     """Start a VMM process for `config` in `vm_dir` and wait until it answers
     (config None: a standby VMM, waiting for a Create call)."""
     vm_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    argv = [sys.executable, "-m", "vmigrate.vmm", "--dir", str(vm_dir)]
+    argv = [sys.executable, "-P", "-m", "vmigrate.vmm", "--dir", str(vm_dir)]
     if config is None:
         argv.append("--standby")
     else:
@@ -186,7 +186,7 @@ def spawn_vmm(vm_dir: Path, config: pb.VmConfig | None, memory_file: str | None 
     err_path = vm_dir / STDERR_NAME
     with open(err_path, "wb") as err:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=err, start_new_session=True, close_fds=True)
+                                stderr=err, start_new_session=True, close_fds=True, cwd="/")
     client = VmmClient(vm_dir)
     deadline = time.monotonic() + timeout
     while True:

@@ -19,6 +19,7 @@ from vmigrate.proto import state_pb2 as pb
 from vmigrate.vmm import convert, cpu_model, kvm
 from vmigrate.vmm.console import Console
 from vmigrate.vmm.devices.i8042 import I8042
+from vmigrate.vmm.devices.rtc import Rtc
 from vmigrate.vmm.devices.uart import COM1_BASE, COM1_IRQ, Uart
 from vmigrate.vmm.iobus import IoBus
 from vmigrate.vmm.memory import PAGE, GuestMemory, Region, host_available_memory
@@ -109,6 +110,8 @@ class Machine:
                           lambda _o, v: self.i8042.write(0x60, v))
         self.bus.register(0x64, 1, lambda _o: self.i8042.read(0x64),
                           lambda _o, v: self.i8042.write(0x64, v))
+        self.rtc = Rtc()
+        self.bus.register(0x70, 2, self.rtc.read, self.rtc.write)
         self.bus.register(PANIC_PORT, 1, lambda _o: 0, self._guest_panic)
         self.bus.register(POST_PORT, 1, lambda _o: 0xFF, lambda _o, _v: None)
         self.bus.register(RESET_CONTROL_PORT, 1, lambda _o: 0, self._reset_control)
@@ -315,6 +318,7 @@ class Machine:
             st.vcpus.extend(v.save() for v in self.vcpus)
             st.devices.serial0.CopyFrom(self.uart.save())
             st.devices.i8042.CopyFrom(self.i8042.save())
+            st.devices.rtc.CopyFrom(self.rtc.save())
             st.memory.page_size = PAGE
             st.memory.regions.extend(
                 pb.MemoryRegion(guest_phys_addr=r.guest_phys_addr, size=r.size,
@@ -346,6 +350,8 @@ class Machine:
                 kvm.set_struct(self.vm_fd, kvm.KVM_SET_PIT2, convert.pit_from_msg(st.pit))
                 self.uart.restore(st.devices.serial0)
                 self.i8042.restore(st.devices.i8042)
+                if st.devices.HasField("rtc"):
+                    self.rtc.restore(st.devices.rtc)
                 # The clock last, so the guest sees no time pass during the restore.
                 kvm.set_struct(self.vm_fd, kvm.KVM_SET_CLOCK, convert.clock_from_msg(st.clock))
             except (OSError, kvm.KvmError) as e:
@@ -371,6 +377,10 @@ class Machine:
         kvm.ioctl_buf(self.vm_fd, kvm.KVM_SET_IRQCHIP, ic)
 
     # ---------------------------------------------------------------- teardown
+    def features_in_use(self) -> list[str]:
+        """State features the guest now depends on (see migrate/translate.py)."""
+        return ["dev.rtc"] if self.rtc.used else []
+
     @property
     def exits(self) -> int:
         return sum(v.exits for v in self.vcpus)

@@ -72,8 +72,8 @@ def cached_result(state_dir: Path) -> tuple[bool, str]:
     except (OSError, ValueError, KeyError):
         pass
     try:
-        out = subprocess.run([sys.executable, "-m", "vmigrate.vmm.probe"], capture_output=True,
-                             text=True, timeout=TIMEOUT_S + 20)
+        out = subprocess.run([sys.executable, "-P", "-m", "vmigrate.vmm.probe"],
+                             capture_output=True, text=True, timeout=TIMEOUT_S + 20, cwd="/")
         data = json.loads(out.stdout.strip().splitlines()[-1])
         ok, detail = bool(data["ok"]), str(data["detail"])
     except (subprocess.TimeoutExpired, ValueError, IndexError, KeyError, OSError) as e:

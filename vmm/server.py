@@ -53,7 +53,7 @@ def test_guest_params(config: pb.VmConfig) -> object:
         memory_bytes=config.memory_bytes, vcpus=config.vcpu_count,
         working_set_bytes=tg.working_set_bytes, dirty_rate_bytes_per_s=tg.dirty_rate_bytes_per_s,
         timer_hz=tg.timer_hz or 250, heartbeat_ms=tg.heartbeat_ms or 1000,
-        verify_bytes_per_s=tg.verify_bytes_per_s)
+        verify_bytes_per_s=tg.verify_bytes_per_s, use_rtc=tg.use_rtc)
 
 
 class VmmService(vmm_pb2_grpc.VmmServicer):
@@ -108,7 +108,7 @@ class VmmService(vmm_pb2_grpc.VmmServicer):
             detail=m.detail, exits=m.exits, uptime_s=uptime, throttle_percent=m.throttle_percent,
             awaiting_commit=self.awaiting_commit, migration_id=self.migration_id,
             pause_reason=self.pause_reason if m.state == MachineState.PAUSED else "",
-            console_end=m.console.end)
+            console_end=m.console.end, features_in_use=m.features_in_use())
 
     def _fail(self, context: grpc.ServicerContext, e: Exception,
               code: grpc.StatusCode = grpc.StatusCode.FAILED_PRECONDITION) -> None:

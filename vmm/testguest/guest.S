@@ -7,6 +7,7 @@
  * was lost:
  *
  *   HB cpu=C n=N ticks=T w=W v=V err=E ns=NS   heartbeat, N counts up by one
+ *                                              (+ rtc=HH:MM:SS with the RTC on)
  *   CORRUPT cpu=C page=... expected=... found=...   a page holds a stale value
  *   CLOCK cpu=C backwards ...                  kvmclock went back in time
  *   ECHO <line>                                a line received on the UART
@@ -74,6 +75,7 @@
         .set P_KVMCLOCK,        0x50    /* 1: enable kvmclock and report ns */
         .set P_TIMER_PIN,       0x58    /* IOAPIC pin of the PIT */
         .set P_PROBE_SYSCALL,   0x60    /* 1: only probe whether CPL3 syscall works */
+        .set P_USE_RTC,         0x68    /* 1: read the RTC in each heartbeat */
 
 /* shared page */
         .set S_LOCK,            0x00
@@ -691,9 +693,40 @@ heartbeat:
         call    puts
         mov     rax, r14
         call    print_dec
-        mov     al, 10
+        cmp     qword ptr [PARAMS + P_USE_RTC], 0
+        je      2f
+        mov     rsi, offset s_rtc
+        call    puts
+        mov     ah, 4                   /* hours, minutes, seconds (BCD) */
+        call    print_rtc
+        mov     al, ':'
+        call    putc
+        mov     ah, 2
+        call    print_rtc
+        mov     al, ':'
+        call    putc
+        mov     ah, 0
+        call    print_rtc
+2:      mov     al, 10
         call    putc
         call    unlock_serial
+        ret
+
+/* print_rtc: the RTC register ah as two BCD digits (the lock is held). */
+print_rtc:
+        push    rdx
+        mov     al, ah
+        out     0x70, al
+        in      al, 0x71
+        mov     dl, al
+        shr     al, 4
+        add     al, '0'
+        call    putc
+        mov     al, dl
+        and     al, 0x0f
+        add     al, '0'
+        call    putc
+        pop     rdx
         ret
 
 /* kvmclock: ns = system_time + ((tsc - tsc_timestamp) << shift) * mul >> 32 */
@@ -869,6 +902,7 @@ s_w:            .asciz " w="
 s_v:            .asciz " v="
 s_errs:         .asciz " err="
 s_ns:           .asciz " ns="
+s_rtc:          .asciz " rtc="
 s_corrupt:      .asciz "CORRUPT cpu="
 s_page:         .asciz " page="
 s_off:          .asciz " off="

@@ -61,6 +61,7 @@ class TestGuestParams:
     verify_bytes_per_s: int = 0      # 0: verify the whole working set every second
     kvmclock: bool = True
     probe_syscall: bool = False      # run the user-space probe instead of the workload
+    use_rtc: bool = False            # read the CMOS RTC in every heartbeat
 
     def validate(self) -> None:
         if self.vcpus < 1 or self.vcpus > LAYOUT.MAX_CPUS:
@@ -108,6 +109,7 @@ def params_block(p: TestGuestParams) -> bytes:
         LAYOUT.P_KVMCLOCK: 1 if p.kvmclock else 0,
         LAYOUT.P_TIMER_PIN: 0,    # KVM's default routing sends the PIT (GSI 0) to pin 0
         LAYOUT.P_PROBE_SYSCALL: 1 if p.probe_syscall else 0,
+        LAYOUT.P_USE_RTC: 1 if p.use_rtc else 0,
     }
     block = bytearray(PAGE)
     for off, val in fields.items():
