@@ -245,7 +245,7 @@ def _guest_config(a: argparse.Namespace) -> pb.VmConfig:
             min(memory // 2, max(0, memory - (4 << 20)))
         config.test_guest.CopyFrom(pb.TestGuestConfig(
             working_set_bytes=ws, dirty_rate_bytes_per_s=parse_rate(a.dirty_rate, "--dirty-rate"),
-            heartbeat_ms=a.heartbeat_ms, use_rtc=a.rtc))
+            heartbeat_ms=a.heartbeat_ms, use_rtc=a.rtc, fill_once=a.fill_once))
         from vmigrate.vmm.testguest.layout import TestGuestParams
 
         try:
@@ -513,6 +513,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dirty-rate", default="4M",
                    help="test guest: bytes rewritten per second (default 4M)")
     p.add_argument("--heartbeat-ms", type=int, default=1000, help="test guest heartbeat period")
+    p.add_argument("--fill-once", action="store_true",
+                   help="test guest: write the working set once at --dirty-rate, then only "
+                        "verify it (a guest with data that has gone quiet)")
     p.add_argument("--rtc", action="store_true",
                    help="test guest: read the CMOS clock in every heartbeat (a guest that "
                         "uses the RTC cannot move to vmigrate 0.1.0)")

@@ -46,20 +46,22 @@ class VmConfig(_message.Message):
     def __init__(self, name: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., vcpu_count: _Optional[int] = ..., test_guest: _Optional[_Union[TestGuestConfig, _Mapping]] = ..., linux: _Optional[_Union[LinuxGuestConfig, _Mapping]] = ..., cpu_template: _Optional[str] = ...) -> None: ...
 
 class TestGuestConfig(_message.Message):
-    __slots__ = ("working_set_bytes", "dirty_rate_bytes_per_s", "timer_hz", "heartbeat_ms", "verify_bytes_per_s", "use_rtc")
+    __slots__ = ("working_set_bytes", "dirty_rate_bytes_per_s", "timer_hz", "heartbeat_ms", "verify_bytes_per_s", "use_rtc", "fill_once")
     WORKING_SET_BYTES_FIELD_NUMBER: _ClassVar[int]
     DIRTY_RATE_BYTES_PER_S_FIELD_NUMBER: _ClassVar[int]
     TIMER_HZ_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_MS_FIELD_NUMBER: _ClassVar[int]
     VERIFY_BYTES_PER_S_FIELD_NUMBER: _ClassVar[int]
     USE_RTC_FIELD_NUMBER: _ClassVar[int]
+    FILL_ONCE_FIELD_NUMBER: _ClassVar[int]
     working_set_bytes: int
     dirty_rate_bytes_per_s: int
     timer_hz: int
     heartbeat_ms: int
     verify_bytes_per_s: int
     use_rtc: bool
-    def __init__(self, working_set_bytes: _Optional[int] = ..., dirty_rate_bytes_per_s: _Optional[int] = ..., timer_hz: _Optional[int] = ..., heartbeat_ms: _Optional[int] = ..., verify_bytes_per_s: _Optional[int] = ..., use_rtc: _Optional[bool] = ...) -> None: ...
+    fill_once: bool
+    def __init__(self, working_set_bytes: _Optional[int] = ..., dirty_rate_bytes_per_s: _Optional[int] = ..., timer_hz: _Optional[int] = ..., heartbeat_ms: _Optional[int] = ..., verify_bytes_per_s: _Optional[int] = ..., use_rtc: _Optional[bool] = ..., fill_once: _Optional[bool] = ...) -> None: ...
 
 class LinuxGuestConfig(_message.Message):
     __slots__ = ("kernel", "initrd", "cmdline")

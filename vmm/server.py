@@ -53,7 +53,8 @@ def test_guest_params(config: pb.VmConfig) -> object:
         memory_bytes=config.memory_bytes, vcpus=config.vcpu_count,
         working_set_bytes=tg.working_set_bytes, dirty_rate_bytes_per_s=tg.dirty_rate_bytes_per_s,
         timer_hz=tg.timer_hz or 250, heartbeat_ms=tg.heartbeat_ms or 1000,
-        verify_bytes_per_s=tg.verify_bytes_per_s, use_rtc=tg.use_rtc)
+        verify_bytes_per_s=tg.verify_bytes_per_s, use_rtc=tg.use_rtc,
+        fill_once=tg.fill_once)
 
 
 class VmmService(vmm_pb2_grpc.VmmServicer):

@@ -263,6 +263,7 @@ class RunControl:
             self.pause_requested = True
             for v in self.vcpus:
                 v.run.immediate_exit = 1
+            self.cond.notify_all()          # wakes throttled vCPUs from their nap
 
     def wait_parked(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -290,11 +291,19 @@ class RunControl:
             self.cond.notify_all()
 
     def throttle_nap(self) -> None:
+        """Sleep a throttled vCPU's share of the slice; a pause or stop request
+        cuts the nap short (it must not add to a migration's downtime)."""
         idx = threading.current_thread().name
         i = int(idx[4:]) if idx.startswith("vcpu") else 0
         if i < len(self._throttle_due) and self._throttle_due[i]:
             self._throttle_due[i] = False
-            time.sleep(self.throttle_sleep_s)
+            deadline = time.monotonic() + self.throttle_sleep_s
+            with self.cond:
+                while not (self.pause_requested or self.stopping):
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self.cond.wait(left)
 
     def mark_throttle_due(self) -> None:
         self._throttle_due = [True] * len(self.vcpus)

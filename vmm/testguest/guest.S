@@ -76,6 +76,7 @@
         .set P_TIMER_PIN,       0x58    /* IOAPIC pin of the PIT */
         .set P_PROBE_SYSCALL,   0x60    /* 1: only probe whether CPL3 syscall works */
         .set P_USE_RTC,         0x68    /* 1: read the RTC in each heartbeat */
+        .set P_FILL_ONCE,       0x70    /* 1: write the working set once, then only verify */
 
 /* shared page */
         .set S_LOCK,            0x00
@@ -554,6 +555,11 @@ check_page:
 write_next_page:
         cmp     qword ptr [rbx + U_SLICE_PAGES], 0
         je      9f
+        cmp     qword ptr [PARAMS + P_FILL_ONCE], 0
+        je      2f
+        cmp     qword ptr [rbx + U_GEN], 1      /* generation 2: every page written once */
+        ja      9f
+2:
         mov     r8, [rbx + U_CURSOR]
         PAGE_ADDR r8
         mov     rax, [rbx + U_GEN]

@@ -62,6 +62,7 @@ class TestGuestParams:
     kvmclock: bool = True
     probe_syscall: bool = False      # run the user-space probe instead of the workload
     use_rtc: bool = False            # read the CMOS RTC in every heartbeat
+    fill_once: bool = False          # write the working set once, then only verify it
 
     def validate(self) -> None:
         if self.vcpus < 1 or self.vcpus > LAYOUT.MAX_CPUS:
@@ -110,6 +111,7 @@ def params_block(p: TestGuestParams) -> bytes:
         LAYOUT.P_TIMER_PIN: 0,    # KVM's default routing sends the PIT (GSI 0) to pin 0
         LAYOUT.P_PROBE_SYSCALL: 1 if p.probe_syscall else 0,
         LAYOUT.P_USE_RTC: 1 if p.use_rtc else 0,
+        LAYOUT.P_FILL_ONCE: 1 if p.fill_once else 0,
     }
     block = bytearray(PAGE)
     for off, val in fields.items():
