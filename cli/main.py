@@ -316,6 +316,8 @@ def cmd_ps(s: Session, a: argparse.Namespace) -> int:
                 infos += list(s.agent(h.name).ListVms(agent_pb2.AgentEmpty(), timeout=30).vms)
             except (grpc.RpcError, CliError) as e:
                 problems.append(f"{h.name}: {e}")
+    if a.all and not s.local_mode:
+        infos += _unseen_guests(s, infos)
     if a.json:
         output.print_json([output.to_dict(i) for i in infos])
     else:
@@ -324,6 +326,19 @@ def cmd_ps(s: Session, a: argparse.Namespace) -> int:
     for p in problems:
         print(f"warning: {p}", file=sys.stderr)
     return 0
+
+
+def _unseen_guests(s: Session, seen: list[agent_pb2.VmInfo]) -> list[agent_pb2.VmInfo]:
+    """`ps --all`: guests the cluster store has whose host did not list them
+    (its agent is down or does not answer), so every guest shows up."""
+    names = {i.name for i in seen}
+    alive = {h.name for h in s.store.list_hosts() if h.alive}
+    return [agent_pb2.VmInfo(name=v.name, host=v.owner, state="unknown",
+                             config=pb.VmConfig(memory_bytes=int(v.spec.get("memory_bytes", 0)),
+                                                vcpu_count=int(v.spec.get("vcpus", 0))),
+                             detail=("its host does not list it" if v.owner in alive
+                                     else "its host's agent is down"))
+            for v in s.store.list_vms() if v.name not in names]
 
 
 def cmd_logs(s: Session, a: argparse.Namespace) -> int:
@@ -377,7 +392,8 @@ def cmd_checkpoint(s: Session, a: argparse.Namespace) -> int:
     req = agent_pb2.CheckpointRequest(
         name=a.name, path=str(path), stop=a.stop,
         incremental_from=str(Path(a.incremental_from).absolute()) if a.incremental_from else "",
-        target_state_version=a.target_version or 0, compress=a.compress)
+        target_state_version=a.target_version or 0, compress=a.compress,
+        lazy_layout=a.mapped)
     stream = s.agent(host).Checkpoint(req)
     last = rpc(lambda: output.follow_progress(stream, f"checkpoint {a.name}", a.json))
     r = last.checkpoint
@@ -527,7 +543,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_options(p)
 
     p = cmd("ps", cmd_ps, "list guests")
-    p.add_argument("--all", action="store_true", help="every host of the cluster")
+    p.add_argument("--all", action="store_true",
+                   help="every guest of the cluster, with its host, including guests "
+                        "whose host does not answer (from the cluster store)")
 
     p = cmd("logs", cmd_logs, "show a guest's serial console")
     p.add_argument("name")
@@ -553,12 +571,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-version", type=int, metavar="V",
                    help="write state version V (for an older vmigrate)")
     p.add_argument("--compress", default="auto", help="auto, off or a zstd level")
+    p.add_argument("--mapped", action="store_true",
+                   help="store memory uncompressed at its place in the file (bigger), so "
+                        "'restore --lazy' can start the guest before its memory is read")
 
-    p = cmd("restore", cmd_restore, "start a guest from a checkpoint file")
+    p = cmd("restore", cmd_restore, "start a guest from a checkpoint file",
+            "With --lazy (a file written with 'checkpoint --mapped') the guest starts as\n"
+            "soon as its state is loaded and its memory follows on demand.")
     p.add_argument("file")
     p.add_argument("--name", help="name of the restored guest (default: as saved)")
     p.add_argument("--on", metavar="HOST", help="host to restore on")
-    p.add_argument("--lazy", action="store_true", help="map memory on demand")
+    p.add_argument("--lazy", action="store_true",
+                   help="run at once; memory follows from the file on demand")
     p.add_argument("--paused", action="store_true", help="restore but do not run")
 
     p = cmd("inspect", cmd_inspect, "print a checkpoint file (any version) as text or JSON")

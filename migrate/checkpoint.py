@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 import numpy as np
+import xxhash
 
 from vmigrate.migrate import pages, precopy, progress, snapfile, store, translate, versions
 from vmigrate.migrate.errors import AgentError
@@ -34,6 +35,33 @@ if TYPE_CHECKING:
 
 CONSOLE_TAIL = 64 << 10
 MAX_CHAIN = 64
+
+
+class MappedSink:
+    """Pre-copy into a checkpoint's memory image (the mapped layout): pages are
+    written raw at their place, a later round simply overwrites them."""
+
+    def __init__(self, writer: snapfile.SnapshotWriter, encoder: pages.Encoder,
+                 hashes: np.ndarray) -> None:
+        self.writer = writer
+        self.encoder = encoder
+        self.hashes = hashes
+        self.counts = pages.Counts()
+
+    def send_pages(self, round_: int, bitmap: np.ndarray, skip_zero: bool,
+                   tick: precopy.Tick) -> int:
+        n = 0
+        layout = self.encoder.layout
+        for batch in precopy.encode_batches(self.encoder, bitmap, self.counts, skip_zero, tick,
+                                            self.hashes):
+            for c in batch:
+                off = layout.offset_of(c.gpa, c.pages * pages.PAGE)
+                if c.encoding == pages.ZERO:
+                    self.writer.zero_image(off, c.pages * pages.PAGE)
+                else:
+                    self.writer.write_image(off, c.data)
+                    n += len(c.data)
+        return n
 
 
 class FileSink:
@@ -123,10 +151,17 @@ def _checkpoint(agent: Agent, vm: LocalVm, req: agent_pb2.CheckpointRequest,
             raise ValueError(f"this vmigrate writes state versions {versions.STATE_VERSION_MIN}"
                              f"-{versions.STATE_VERSION_MAX}, not {target}")
         header.required_features.extend(needs[target])
+        mapped = req.lazy_layout
+        if mapped and parent is not None:
+            raise ValueError("a mapped checkpoint holds all of memory: it cannot be "
+                             "incremental")
+        header.mapped_memory = mapped
         writer = snapfile.SnapshotWriter(path, header)
         memory = MappedMemory(info)
-        encoder = pages.Encoder(memory.map, layout, compress, level)
+        encoder = pages.Encoder(memory.map, layout, compress and not mapped, level)
         hashes = np.full(layout.pages, pages.ZERO_PAGE_HASH, dtype=np.uint64)
+        if mapped:
+            header.memory_offset = writer.begin_image(info.size)
         emit(agent_pb2.Progress(phase="precopy", message=f"writing {path}"))
 
         vm.client.start_dirty_log()
@@ -138,8 +173,10 @@ def _checkpoint(agent: Agent, vm: LocalVm, req: agent_pb2.CheckpointRequest,
         else:
             first = pages.bitmap_from_ranges(data_ranges(memory.fd, info.size), layout.pages)
             fresh = True
+        sink = MappedSink(writer, encoder, hashes) if mapped else \
+            FileSink(writer, encoder, hashes)
         pc = precopy.Precopy(
-            vmm=vm.client, layout=layout, sink=FileSink(writer, encoder, hashes),
+            vmm=vm.client, layout=layout, sink=sink,
             policy=precopy.Policy(downtime_ms=20.0, max_rounds=8, auto_converge=False),
             cancel=vm.cancel, progress=emit, last_fetch=t_log)
         if was_paused:
@@ -297,6 +334,42 @@ def apply_memory(chain: list[snapfile.Snapshot], memory: MappedMemory,
     return decoder.counts
 
 
+def copy_image(snap: snapfile.Snapshot, memory: MappedMemory) -> pages.Counts:
+    """Read a mapped-layout image into guest memory (its holes stay holes),
+    checking every page against the page index."""
+    assert snap.image is not None
+    image_off, length = snap.image
+    hashes = np.frombuffer(snap.page_index, dtype=np.uint64)
+    counts = pages.Counts()
+    fd = os.open(snap.path, os.O_RDONLY | os.O_CLOEXEC)
+    view = memoryview(memory.map)
+    try:
+        for off, n in data_ranges(fd, image_off + length):
+            start, end = max(off, image_off), off + n
+            pos = start
+            while pos < end:
+                size = min(4 << 20, end - pos)
+                mem = pos - image_off
+                block = view[mem:mem + size]
+                got = os.preadv(fd, [block], pos)
+                if got != size:
+                    raise snapfile.Truncated(f"{snap.path}: the memory image is short")
+                first = mem // pages.PAGE
+                digest = xxhash.xxh3_64_intdigest
+                for i, want in enumerate(hashes[first:first + size // pages.PAGE].tolist()):
+                    if digest(block[i * pages.PAGE:(i + 1) * pages.PAGE]) != want:
+                        raise snapfile.Corrupt(
+                            f"{snap.path}: page at {(first + i) * pages.PAGE:#x} of its memory "
+                            "image does not match its page index")
+                block.release()
+                counts.pages_raw += size // pages.PAGE
+                pos += size
+    finally:
+        view.release()
+        os.close(fd)
+    return counts
+
+
 def restore_vm(agent: Agent, req: agent_pb2.RestoreRequest,
                context: grpc.ServicerContext) -> Iterator[agent_pb2.Progress]:
     yield from progress.relay(lambda emit: _restore(agent, req, emit), None, "restore")
@@ -322,6 +395,13 @@ def _restore(agent: Agent, req: agent_pb2.RestoreRequest,
     if layout_ok.size != config.memory_bytes:
         raise AgentError(f"{path}: the memory layout does not match the memory size",
                          grpc.StatusCode.INVALID_ARGUMENT)
+    if req.lazy and chain[-1].image is None:
+        raise AgentError(f"{path} keeps memory compressed: only a mapped checkpoint "
+                         "(vmigrate checkpoint --mapped) can be restored lazily",
+                         grpc.StatusCode.INVALID_ARGUMENT)
+    if chain[-1].image is not None and len(chain) > 1:
+        raise AgentError(f"{path}: a mapped checkpoint cannot be part of an incremental chain",
+                         grpc.StatusCode.INVALID_ARGUMENT)
     agent.check_kvm()
     agent._check_schedulable()
     emit(agent_pb2.Progress(phase="restore", message=f"restoring {config.name} from {path}"))
@@ -337,9 +417,19 @@ def _restore(agent: Agent, req: agent_pb2.RestoreRequest,
         if layout.regions != layout_ok.regions:
             raise AgentError(f"{path}: this host lays out {config.memory_bytes >> 20} MiB "
                              "differently from the host that wrote it")
-        counts = apply_memory(chain, memory, layout)
-        memory.close()
-        memory = None
+        snap = chain[-1]
+        if snap.image is not None and req.lazy:
+            memory.close()           # nothing of ours may touch memory while it fills
+            memory = None
+            vm.client.map_lazy(str(snap.path), snap.image[0], snap.page_index)
+            counts = pages.Counts()
+        elif snap.image is not None:
+            counts = copy_image(snap, memory)
+        else:
+            counts = apply_memory(chain, memory, layout)
+        if memory is not None:
+            memory.close()
+            memory = None
         vm.client.restore(state)
         if req.paused:
             vm.client.resume_paused()

@@ -32,6 +32,21 @@ def _state_class(descriptors: bytes) -> type[Message]:
     return message_factory.GetMessageClass(pool.FindMessageTypeByName("vmigrate.v1.VmState"))
 
 
+def _image_pages(path: Path, image: tuple[int, int]) -> int:
+    """Pages of a mapped image that hold data (the rest are holes: zero)."""
+    import os
+
+    from vmigrate.vmm.memory import data_ranges
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        off, length = image
+        return sum(min(o + n, off + length) - max(o, off)
+                   for o, n in data_ranges(fd, off + length) if o + n > off) // PAGE
+    finally:
+        os.close(fd)
+
+
 def summarize(path: Path, show_chunks: bool = False) -> dict:
     try:
         snap, memory = snapfile.load(path, with_memory=True)
@@ -72,6 +87,9 @@ def summarize(path: Path, show_chunks: bool = False) -> dict:
                    "page_index": len(snap.page_index) // 8},
         "trailer": json_format.MessageToDict(snap.trailer, preserving_proto_field_name=True),
         "console_bytes": len(snap.console),
+        "memory_image": None if snap.image is None else {
+            "offset": snap.image[0], "length": snap.image[1],
+            "pages_with_data": _image_pages(path, snap.image)},
         "state": st,
     }
     if show_chunks:
@@ -97,9 +115,14 @@ def main(path: Path, as_json: bool = False, show_chunks: bool = False) -> None:
         print(f"  incremental on  {h['parent_path']} (id {h.get('parent_id', '')[:12]})")
     print(f"  features        {', '.join(h.get('required_features', [])) or '-'}")
     m = s["memory"]
-    print(f"  memory          {m['pages']} pages: {m['pages_zstd']} zstd "
-          f"({m['bytes_zstd']} bytes), {m['pages_raw']} raw, {m['pages_zero']} zero; "
-          f"rounds {m['pages_per_round']}")
+    if s["memory_image"]:
+        img = s["memory_image"]
+        print(f"  memory          mapped image of {img['length'] >> 20} MiB at byte "
+              f"{img['offset']}: {img['pages_with_data']} pages hold data, the rest are holes")
+    else:
+        print(f"  memory          {m['pages']} pages: {m['pages_zstd']} zstd "
+              f"({m['bytes_zstd']} bytes), {m['pages_raw']} raw, {m['pages_zero']} zero; "
+              f"rounds {m['pages_per_round']}")
     t = s["trailer"]
     print(f"  checkpoint      {t.get('rounds', 0)} rounds, guest paused "
           f"{float(t.get('pause_ms', 0)):.1f} ms, took {float(t.get('total_ms', 0)):.0f} ms")

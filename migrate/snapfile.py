@@ -4,7 +4,9 @@ and writes it.
     prefix   "VMIGSNAP" | format version u32 | reserved u32             16 bytes
     frames   type u8 | flags u8 | 0 u16 | length u32 | xxh3_64 u64 | payload
              (the hash covers the first 8 header bytes and the payload)
-             HEADER, DESCRIPTORS, then MEMORY*, STATE, PAGE_INDEX, CONSOLE, TRAILER
+             HEADER, DESCRIPTORS, then MEMORY* or one MEMORY_IMAGE, STATE,
+             PAGE_INDEX, CONSOLE, TRAILER. A MEMORY_IMAGE frame is followed, at a
+             page-aligned offset, by the guest's memory stored raw (mapped layout).
     footer   "VMIGEND\\0" | offset of the TRAILER frame u64               16 bytes
 
 Every payload is a protobuf message (proto/file.proto, proto/state.proto),
@@ -20,6 +22,7 @@ renamed: a crash or a full disk never leaves a file that looks complete.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import os
 import struct
@@ -42,11 +45,15 @@ PREFIX = struct.Struct("<8sII")
 FRAME = struct.Struct("<BBHIQ")
 FOOTER = struct.Struct("<8sQ")
 
-HEADER, DESCRIPTORS, STATE, MEMORY, PAGE_INDEX, CONSOLE, TRAILER = 1, 2, 3, 4, 5, 6, 0x7F
+HEADER, DESCRIPTORS, STATE, MEMORY, PAGE_INDEX, CONSOLE, MEMORY_IMAGE = 1, 2, 3, 4, 5, 6, 8
+TRAILER = 0x7F
 FRAME_NAMES = {HEADER: "header", DESCRIPTORS: "descriptors", STATE: "state", MEMORY: "memory",
-               PAGE_INDEX: "page index", CONSOLE: "console", TRAILER: "trailer"}
+               PAGE_INDEX: "page index", CONSOLE: "console", MEMORY_IMAGE: "memory image",
+               TRAILER: "trailer"}
+IMAGE_PAYLOAD = 18            # MemoryImage: two fixed64 fields
 FLAG_ZSTD = 0x01
 
+_libc = ctypes.CDLL(None, use_errno=True)
 MAX_FRAME = 64 << 20          # bytes of payload on disk
 MAX_INFLATED = 64 << 20       # bytes a compressed payload may inflate to
 MEMORY_ALIGN = 4096
@@ -135,6 +142,43 @@ class SnapshotWriter:
         self._frames += 1
         return offset
 
+    def begin_image(self, length: int) -> int:
+        """Start the mapped layout: a MEMORY_IMAGE frame, then `length` bytes of
+        raw memory at a page-aligned offset (a hole until pages are written).
+        Returns that offset; pages go in with write_image(); the frames
+        written afterwards follow the image."""
+        here = self._f.tell() + FRAME.size + IMAGE_PAYLOAD
+        offset = (here + MEMORY_ALIGN - 1) // MEMORY_ALIGN * MEMORY_ALIGN
+        payload = file_pb2.MemoryImage(offset=offset, length=length).SerializeToString()
+        assert len(payload) == IMAGE_PAYLOAD
+        self._frame(MEMORY_IMAGE, payload)
+        try:
+            self._f.flush()
+            os.ftruncate(self._f.fileno(), offset + length)
+            self._f.seek(offset + length)
+        except OSError as e:
+            raise _write_error(e, self.path) from None
+        self.image = (offset, length)
+        return offset
+
+    def write_image(self, file_offset: int, data: bytes | memoryview) -> None:
+        """Pages of guest memory, at their offset in the guest's memory file."""
+        offset, length = self.image
+        if file_offset + len(data) > length:
+            raise SnapshotError("a page lies beyond the memory image")
+        try:
+            os.pwrite(self._f.fileno(), data, offset + file_offset)
+        except OSError as e:
+            raise _write_error(e, self.path) from None
+
+    def zero_image(self, file_offset: int, size: int) -> None:
+        """Pages that became zero: made a hole again (or written as zeros)."""
+        offset, _ = self.image
+        r = _libc.fallocate(self._f.fileno(), 0x03, ctypes.c_long(offset + file_offset),
+                            ctypes.c_long(size))
+        if r != 0:
+            self.write_image(file_offset, bytes(size))
+
     def write_memory(self, round_: int, chunks: list[state_pb2.MemoryChunk]) -> None:
         self._frame(MEMORY, file_pb2.MemoryRecord(round=round_, chunks=chunks).SerializeToString())
 
@@ -204,6 +248,7 @@ class Snapshot:
     trailer: file_pb2.FileTrailer
     size: int
     descriptors: bytes = b""
+    image: tuple[int, int] | None = None   # (offset, length) of a mapped-layout image
     state_bytes: bytes = b""      # VmState at header.state_version, decoded by the caller
     console: bytes = b""
     page_index: bytes = b""
@@ -322,6 +367,12 @@ class SnapshotReader:
                 raise Corrupt(f"{self.path}: the first record is not a header")
             chain.update(checksum.to_bytes(8, "little"))
             count += 1
+            if frame.kind == MEMORY_IMAGE:
+                image = _parse(file_pb2.MemoryImage(), frame.payload, "memory image", self.path)
+                if (image.offset % MEMORY_ALIGN or image.offset < offset
+                        or image.offset + image.length > end):
+                    raise Corrupt(f"{self.path}: the memory image lies outside the file")
+                offset = image.offset + image.length        # the frames go on after it
             yield frame
             if offset >= end:
                 raise Truncated(f"{self.path} is truncated (no trailer)")
@@ -385,6 +436,7 @@ def load(path: Path, with_memory: bool = False) -> tuple[Snapshot, list[file_pb2
         trailer = file_pb2.FileTrailer()
         descriptors = console = page_index = b""
         state = None
+        image: tuple[int, int] | None = None
         for frame in r.frames():
             name = FRAME_NAMES[frame.kind]
             counts[name] = counts.get(name, 0) + 1
@@ -404,11 +456,20 @@ def load(path: Path, with_memory: bool = False) -> tuple[Snapshot, list[file_pb2
                                     path).hashes
             elif frame.kind == CONSOLE:
                 console = _parse(file_pb2.ConsoleRecord(), frame.payload, "console", path).data
+            elif frame.kind == MEMORY_IMAGE:
+                if image is not None:
+                    raise Corrupt(f"{path}: two memory images")
+                m = _parse(file_pb2.MemoryImage(), frame.payload, "memory image", path)
+                image = (m.offset, m.length)
             elif frame.kind == TRAILER:
                 _parse(trailer, frame.payload, "trailer", path)
         if state is None:
             raise Corrupt(f"{path} has no VM state record")
+        if image is not None and (image[1] != header.memory_bytes
+                                  or len(page_index) != image[1] // 4096 * 8):
+            raise Corrupt(f"{path}: the memory image and its page index do not match "
+                          "the guest's memory size")
         snap = Snapshot(path=path, header=header, trailer=trailer, size=r.size,
-                        descriptors=descriptors, state_bytes=state, console=console,
-                        page_index=page_index, frame_counts=counts)
+                        descriptors=descriptors, image=image, state_bytes=state,
+                        console=console, page_index=page_index, frame_counts=counts)
         return snap, memory

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from vmigrate.proto import state_pb2 as vmigrate_dot_proto_dot_state__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19vmigrate/proto/file.proto\x12\x0bvmigrate.v1\x1a\x1avmigrate/proto/state.proto\"\xed\x01\n\nFileHeader\x12\x10\n\x08producer\x18\x01 \x01(\t\x12\x15\n\rstate_version\x18\x02 \x01(\r\x12\n\n\x02vm\x18\x03 \x01(\t\x12\x12\n\ncreated_at\x18\x04 \x01(\x01\x12\x0f\n\x07\x66ile_id\x18\x05 \x01(\t\x12\x13\n\x0bparent_path\x18\x06 \x01(\t\x12\x11\n\tparent_id\x18\x07 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x08 \x01(\x04\x12\x19\n\x11required_features\x18\t \x03(\t\x12\x15\n\rmapped_memory\x18\n \x01(\x08\x12\x15\n\rmemory_offset\x18\x0b \x01(\x04\"G\n\x0cMemoryRecord\x12\r\n\x05round\x18\x01 \x01(\r\x12(\n\x06\x63hunks\x18\x02 \x03(\x0b\x32\x18.vmigrate.v1.MemoryChunk\"\x1b\n\tPageIndex\x12\x0e\n\x06hashes\x18\x01 \x01(\x0c\"\x1d\n\rConsoleRecord\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"\xbd\x01\n\x0b\x46ileTrailer\x12\x0f\n\x07records\x18\x01 \x01(\x04\x12\x12\n\nchain_hash\x18\x02 \x01(\x04\x12\x14\n\x0cmemory_pages\x18\x03 \x01(\x04\x12\x12\n\npages_zero\x18\x04 \x01(\x04\x12\x11\n\tpages_raw\x18\x05 \x01(\x04\x12\x18\n\x10pages_compressed\x18\x06 \x01(\x04\x12\x0e\n\x06rounds\x18\x07 \x01(\r\x12\x10\n\x08pause_ms\x18\x08 \x01(\x01\x12\x10\n\x08total_ms\x18\t \x01(\x01\"\x86\x01\n\x0b\x46ileSummary\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x17.vmigrate.v1.FileHeader\x12#\n\x05state\x18\x02 \x01(\x0b\x32\x14.vmigrate.v1.VmState\x12)\n\x07trailer\x18\x03 \x01(\x0b\x32\x18.vmigrate.v1.FileTrailerb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19vmigrate/proto/file.proto\x12\x0bvmigrate.v1\x1a\x1avmigrate/proto/state.proto\"\xed\x01\n\nFileHeader\x12\x10\n\x08producer\x18\x01 \x01(\t\x12\x15\n\rstate_version\x18\x02 \x01(\r\x12\n\n\x02vm\x18\x03 \x01(\t\x12\x12\n\ncreated_at\x18\x04 \x01(\x01\x12\x0f\n\x07\x66ile_id\x18\x05 \x01(\t\x12\x13\n\x0bparent_path\x18\x06 \x01(\t\x12\x11\n\tparent_id\x18\x07 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x08 \x01(\x04\x12\x19\n\x11required_features\x18\t \x03(\t\x12\x15\n\rmapped_memory\x18\n \x01(\x08\x12\x15\n\rmemory_offset\x18\x0b \x01(\x04\"-\n\x0bMemoryImage\x12\x0e\n\x06offset\x18\x01 \x01(\x06\x12\x0e\n\x06length\x18\x02 \x01(\x06\"G\n\x0cMemoryRecord\x12\r\n\x05round\x18\x01 \x01(\r\x12(\n\x06\x63hunks\x18\x02 \x03(\x0b\x32\x18.vmigrate.v1.MemoryChunk\"\x1b\n\tPageIndex\x12\x0e\n\x06hashes\x18\x01 \x01(\x0c\"\x1d\n\rConsoleRecord\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"\xbd\x01\n\x0b\x46ileTrailer\x12\x0f\n\x07records\x18\x01 \x01(\x04\x12\x12\n\nchain_hash\x18\x02 \x01(\x04\x12\x14\n\x0cmemory_pages\x18\x03 \x01(\x04\x12\x12\n\npages_zero\x18\x04 \x01(\x04\x12\x11\n\tpages_raw\x18\x05 \x01(\x04\x12\x18\n\x10pages_compressed\x18\x06 \x01(\x04\x12\x0e\n\x06rounds\x18\x07 \x01(\r\x12\x10\n\x08pause_ms\x18\x08 \x01(\x01\x12\x10\n\x08total_ms\x18\t \x01(\x01\"\x86\x01\n\x0b\x46ileSummary\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x17.vmigrate.v1.FileHeader\x12#\n\x05state\x18\x02 \x01(\x0b\x32\x14.vmigrate.v1.VmState\x12)\n\x07trailer\x18\x03 \x01(\x0b\x32\x18.vmigrate.v1.FileTrailerb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,14 +34,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_FILEHEADER']._serialized_start=71
   _globals['_FILEHEADER']._serialized_end=308
-  _globals['_MEMORYRECORD']._serialized_start=310
-  _globals['_MEMORYRECORD']._serialized_end=381
-  _globals['_PAGEINDEX']._serialized_start=383
-  _globals['_PAGEINDEX']._serialized_end=410
-  _globals['_CONSOLERECORD']._serialized_start=412
-  _globals['_CONSOLERECORD']._serialized_end=441
-  _globals['_FILETRAILER']._serialized_start=444
-  _globals['_FILETRAILER']._serialized_end=633
-  _globals['_FILESUMMARY']._serialized_start=636
-  _globals['_FILESUMMARY']._serialized_end=770
+  _globals['_MEMORYIMAGE']._serialized_start=310
+  _globals['_MEMORYIMAGE']._serialized_end=355
+  _globals['_MEMORYRECORD']._serialized_start=357
+  _globals['_MEMORYRECORD']._serialized_end=428
+  _globals['_PAGEINDEX']._serialized_start=430
+  _globals['_PAGEINDEX']._serialized_end=457
+  _globals['_CONSOLERECORD']._serialized_start=459
+  _globals['_CONSOLERECORD']._serialized_end=488
+  _globals['_FILETRAILER']._serialized_start=491
+  _globals['_FILETRAILER']._serialized_end=680
+  _globals['_FILESUMMARY']._serialized_start=683
+  _globals['_FILESUMMARY']._serialized_end=817
 # @@protoc_insertion_point(module_scope)

@@ -33,6 +33,14 @@ class FileHeader(_message.Message):
     memory_offset: int
     def __init__(self, producer: _Optional[str] = ..., state_version: _Optional[int] = ..., vm: _Optional[str] = ..., created_at: _Optional[float] = ..., file_id: _Optional[str] = ..., parent_path: _Optional[str] = ..., parent_id: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., required_features: _Optional[_Iterable[str]] = ..., mapped_memory: _Optional[bool] = ..., memory_offset: _Optional[int] = ...) -> None: ...
 
+class MemoryImage(_message.Message):
+    __slots__ = ("offset", "length")
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    length: int
+    def __init__(self, offset: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
+
 class MemoryRecord(_message.Message):
     __slots__ = ("round", "chunks")
     ROUND_FIELD_NUMBER: _ClassVar[int]

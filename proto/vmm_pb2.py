@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from vmigrate.proto import state_pb2 as vmigrate_dot_proto_dot_state__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18vmigrate/proto/vmm.proto\x12\x0fvmigrate.vmm.v1\x1a\x1avmigrate/proto/state.proto\"\x07\n\x05\x45mpty\"\xa9\x03\n\tVmmStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12/\n\x05state\x18\x02 \x01(\x0e\x32 .vmigrate.vmm.v1.VmmStatus.State\x12\x0b\n\x03pid\x18\x03 \x01(\x05\x12%\n\x06\x63onfig\x18\x04 \x01(\x0b\x32\x15.vmigrate.v1.VmConfig\x12\x0e\n\x06\x64\x65tail\x18\x05 \x01(\t\x12\r\n\x05\x65xits\x18\x06 \x01(\x04\x12\x10\n\x08uptime_s\x18\x07 \x01(\x01\x12\x18\n\x10throttle_percent\x18\x08 \x01(\r\x12\x17\n\x0f\x61waiting_commit\x18\t \x01(\x08\x12\x14\n\x0cmigration_id\x18\n \x01(\t\x12\x14\n\x0cpause_reason\x18\x0b \x01(\t\x12\x13\n\x0b\x63onsole_end\x18\x0c \x01(\x04\x12\x17\n\x0f\x66\x65\x61tures_in_use\x18\r \x03(\t\"k\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x43REATED\x10\x01\x12\x0b\n\x07RUNNING\x10\x02\x12\n\n\x06PAUSED\x10\x03\x12\x0b\n\x07STOPPED\x10\x04\x12\x0b\n\x07\x43RASHED\x10\x05\x12\x0b\n\x07STANDBY\x10\x06\"d\n\x0eRestoreRequest\x12#\n\x05state\x18\x01 \x01(\x0b\x32\x14.vmigrate.v1.VmState\x12\x14\n\x0cmigration_id\x18\x02 \x01(\t\x12\x17\n\x0f\x63onsole_history\x18\x03 \x01(\x0c\"X\n\rCreateRequest\x12%\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x15.vmigrate.v1.VmConfig\x12\x0b\n\x03\x64ir\x18\x02 \x01(\t\x12\x13\n\x0bmemory_file\x18\x03 \x01(\t\"$\n\rResumeRequest\x12\x13\n\x0bkeep_paused\x18\x01 \x01(\x08\"l\n\x0cPauseRequest\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x17\n\x0f\x66\x65tch_dirty_log\x18\x02 \x01(\x08\x12\x0c\n\x04save\x18\x03 \x01(\x08\x12\x0f\n\x07\x63onsole\x18\x04 \x01(\x08\x12\x14\n\x0c\x63onsole_from\x18\x05 \x01(\x04\"\x90\x01\n\nPauseReply\x12\x10\n\x08pause_ms\x18\x01 \x01(\x01\x12\x14\n\x0c\x64irty_bitmap\x18\x02 \x01(\x0c\x12#\n\x05state\x18\x03 \x01(\x0b\x32\x14.vmigrate.v1.VmState\x12\x0f\n\x07\x63onsole\x18\x04 \x01(\x0c\x12\x13\n\x0b\x63onsole_end\x18\x05 \x01(\x04\x12\x0f\n\x07save_ms\x18\x06 \x01(\x01\"S\n\nMemoryInfo\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12)\n\x06layout\x18\x03 \x01(\x0b\x32\x19.vmigrate.v1.MemoryLayout\"|\n\x0f\x44irtyLogRequest\x12/\n\x02op\x18\x01 \x01(\x0e\x32#.vmigrate.vmm.v1.DirtyLogRequest.Op\"8\n\x02Op\x12\x12\n\x0eOP_UNSPECIFIED\x10\x00\x12\t\n\x05START\x10\x01\x12\t\n\x05\x46\x45TCH\x10\x02\x12\x08\n\x04STOP\x10\x03\"F\n\rDirtyLogReply\x12\x0e\n\x06\x62itmap\x18\x01 \x01(\x0c\x12\x13\n\x0b\x64irty_pages\x18\x02 \x01(\x04\x12\x10\n\x08\x66\x65tch_ms\x18\x03 \x01(\x01\"\"\n\x0fThrottleRequest\x12\x0f\n\x07percent\x18\x01 \x01(\r\"8\n\x12\x43onsoleReadRequest\x12\x0e\n\x06\x66ollow\x18\x01 \x01(\x08\x12\x12\n\ntail_bytes\x18\x02 \x01(\x04\"/\n\x0b\x43onsoleData\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x12\n\nend_offset\x18\x02 \x01(\x04\"!\n\x0fShutdownRequest\x12\x0e\n\x06reason\x18\x01 \x01(\t2\x84\x07\n\x03Vmm\x12<\n\x06Status\x12\x16.vmigrate.vmm.v1.Empty\x1a\x1a.vmigrate.vmm.v1.VmmStatus\x12\x44\n\x06\x43reate\x12\x1e.vmigrate.vmm.v1.CreateRequest\x1a\x1a.vmigrate.vmm.v1.VmmStatus\x12:\n\x04\x42oot\x12\x16.vmigrate.vmm.v1.Empty\x1a\x1a.vmigrate.vmm.v1.VmmStatus\x12\x46\n\x07Restore\x12\x1f.vmigrate.vmm.v1.RestoreRequest\x1a\x1a.vmigrate.vmm.v1.VmmStatus\x12\x43\n\x05Pause\x12\x1d.vmigrate.vmm.v1.PauseRequest\x1a\x1b.vmigrate.vmm.v1.PauseReply\x12\x44\n\x06Resume\x12\x1e.vmigrate.vmm.v1.ResumeRequest\x1a\x1a.vmigrate.vmm.v1.VmmStatus\x12\x34\n\x04Save\x12\x16.vmigrate.vmm.v1.Empty\x1a\x14.vmigrate.v1.VmState\x12=\n\x06Memory\x12\x16.vmigrate.vmm.v1.Empty\x1a\x1b.vmigrate.vmm.v1.MemoryInfo\x12L\n\x08\x44irtyLog\x12 .vmigrate.vmm.v1.DirtyLogRequest\x1a\x1e.vmigrate.vmm.v1.DirtyLogReply\x12G\n\x0bSetThrottle\x12 .vmigrate.vmm.v1.ThrottleRequest\x1a\x16.vmigrate.vmm.v1.Empty\x12R\n\x0b\x43onsoleRead\x12#.vmigrate.vmm.v1.ConsoleReadRequest\x1a\x1c.vmigrate.vmm.v1.ConsoleData0\x01\x12\x44\n\x0c\x43onsoleWrite\x12\x1c.vmigrate.vmm.v1.ConsoleData\x1a\x16.vmigrate.vmm.v1.Empty\x12\x44\n\x08Shutdown\x12 .vmigrate.vmm.v1.ShutdownRequest\x1a\x16.vmigrate.vmm.v1.Emptyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18vmigrate/proto/vmm.proto\x12\x0fvmigrate.vmm.v1\x1a\x1avmigrate/proto/state.proto\"\x07\n\x05\x45mpty\"\xc2\x03\n\tVmmStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12/\n\x05state\x18\x02 \x01(\x0e\x32 .vmigrate.vmm.v1.VmmStatus.State\x12\x0b\n\x03pid\x18\x03 \x01(\x05\x12%\n\x06\x63onfig\x18\x04 \x01(\x0b\x32\x15.vmigrate.v1.VmConfig\x12\x0e\n\x06\x64\x65tail\x18\x05 \x01(\t\x12\r\n\x05\x65xits\x18\x06 \x01(\x04\x12\x10\n\x08uptime_s\x18\x07 \x01(\x01\x12\x18\n\x10throttle_percent\x18\x08 \x01(\r\x12\x17\n\x0f\x61waiting_commit\x18\t \x01(\x08\x12\x14\n\x0cmigration_id\x18\n \x01(\t\x12\x14\n\x0cpause_reason\x18\x0b \x01(\t\x12\x13\n\x0b\x63onsole_end\x18\x0c \x01(\x04\x12\x17\n\x0f\x66\x65\x61tures_in_use\x18\r \x03(\t\x12\x17\n\x0flazy_bytes_left\x18\x0e \x01(\x04\"k\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x43REATED\x10\x01\x12\x0b\n\x07RUNNING\x10\x02\x12\n\n\x06PAUSED\x10\x03\x12\x0b\n\x07STOPPED\x10\x04\x12\x0b\n\x07\x43RASHED\x10\x05\x12\x0b\n\x07STANDBY\x10\x06\"d\n\x0eRestoreRequest\x12#\n\x05state\x18\x01 \x01(\x0b\x32\x14.vmigrate.v1.VmState\x12\x14\n\x0cmigration_id\x18\x02 \x01(\t\x12\x17\n\x0f\x63onsole_history\x18\x03 \x01(\x0c\"E\n\x0bLazyRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x14\n\x0cimage_offset\x18\x02 \x01(\x04\x12\x12\n\npage_index\x18\x03 \x01(\x0c\"X\n\rCreateRequest\x12%\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x15.vmigrate.v1.VmConfig\x12\x0b\n\x03\x64ir\x18\x02 \x01(\t\x12\x13\n\x0bmemory_file\x18\x03 \x01(\t\"$\n\rResumeRequest\x12\x13\n\x0bkeep_paused\x18\x01 \x01(\x08\"l\n\x0cPauseRequest\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x17\n\x0f\x66\x65tch_dirty_log\x18\x02 \x01(\x08\x12\x0c\n\x04save\x18\x03 \x01(\x08\x12\x0f\n\x07\x63onsole\x18\x04 \x01(\x08\x12\x14\n\x0c\x63onsole_from\x18\x05 \x01(\x04\"\x90\x01\n\nPauseReply\x12\x10\n\x08pause_ms\x18\x01 \x01(\x01\x12\x14\n\x0c\x64irty_bitmap\x18\x02 \x01(\x0c\x12#\n\x05state\x18\x03 \x01(\x0b\x32\x14.vmigrate.v1.VmState\x12\x0f\n\x07\x63onsole\x18\x04 \x01(\x0c\x12\x13\n\x0b\x63onsole_end\x18\x05 \x01(\x04\x12\x0f\n\x07save_ms\x18\x06 \x01(\x01\"S\n\nMemoryInfo\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12)\n\x06layout\x18\x03 \x01(\x0b\x32\x19.vmigrate.v1.MemoryLayout\"|\n\x0f\x44irtyLogRequest\x12/\n\x02op\x18\x01 \x01(\x0e\x32#.vmigrate.vmm.v1.DirtyLogRequest.Op\"8\n\x02Op\x12\x12\n\x0eOP_UNSPECIFIED\x10\x00\x12\t\n\x05START\x10\x01\x12\t\n\x05\x46\x45TCH\x10\x02\x12\x08\n\x04STOP\x10\x03\"F\n\rDirtyLogReply\x12\x0e\n\x06\x62itmap\x18\x01 \x01(\x0c\x12\x13\n\x0b\x64irty_pages\x18\x02 \x01(\x04\x12\x10\n\x08\x66\x65tch_ms\x18\x03 \x01(\x01\"\"\n\x0fThrottleRequest\x12\x0f\n\x07percent\x18\x01 \x01(\r\"8\n\x12\x43onsoleReadRequest\x12\x0e\n\x06\x66ollow\x18\x01 \x01(\x08\x12\x12\n\ntail_bytes\x18\x02 \x01(\x04\"/\n\x0b\x43onsoleData\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x12\n\nend_offset\x18\x02 \x01(\x04\"!\n\x0fShutdownRequest\x12\x0e\n\x06reason\x18\x01 \x01(\t2\xc9\x07\n\x03Vmm\x12<\n\x06Status\x12\x16.vmigrate.vmm.v1.Empty\x1a\x1a.vmigrate.vmm.v1.VmmStatus\x12\x44\n\x06\x43reate\x12\x1e.vmigrate.vmm.v1.CreateRequest\x1a\x1a.vmigrate.vmm.v1.VmmStatus\x12:\n\x04\x42oot\x12\x16.vmigrate.vmm.v1.Empty\x1a\x1a.vmigrate.vmm.v1.VmmStatus\x12\x46\n\x07Restore\x12\x1f.vmigrate.vmm.v1.RestoreRequest\x1a\x1a.vmigrate.vmm.v1.VmmStatus\x12\x43\n\x07MapLazy\x12\x1c.vmigrate.vmm.v1.LazyRequest\x1a\x1a.vmigrate.vmm.v1.VmmStatus\x12\x43\n\x05Pause\x12\x1d.vmigrate.vmm.v1.PauseRequest\x1a\x1b.vmigrate.vmm.v1.PauseReply\x12\x44\n\x06Resume\x12\x1e.vmigrate.vmm.v1.ResumeRequest\x1a\x1a.vmigrate.vmm.v1.VmmStatus\x12\x34\n\x04Save\x12\x16.vmigrate.vmm.v1.Empty\x1a\x14.vmigrate.v1.VmState\x12=\n\x06Memory\x12\x16.vmigrate.vmm.v1.Empty\x1a\x1b.vmigrate.vmm.v1.MemoryInfo\x12L\n\x08\x44irtyLog\x12 .vmigrate.vmm.v1.DirtyLogRequest\x1a\x1e.vmigrate.vmm.v1.DirtyLogReply\x12G\n\x0bSetThrottle\x12 .vmigrate.vmm.v1.ThrottleRequest\x1a\x16.vmigrate.vmm.v1.Empty\x12R\n\x0b\x43onsoleRead\x12#.vmigrate.vmm.v1.ConsoleReadRequest\x1a\x1c.vmigrate.vmm.v1.ConsoleData0\x01\x12\x44\n\x0c\x43onsoleWrite\x12\x1c.vmigrate.vmm.v1.ConsoleData\x1a\x16.vmigrate.vmm.v1.Empty\x12\x44\n\x08Shutdown\x12 .vmigrate.vmm.v1.ShutdownRequest\x1a\x16.vmigrate.vmm.v1.Emptyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,35 +35,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EMPTY']._serialized_start=73
   _globals['_EMPTY']._serialized_end=80
   _globals['_VMMSTATUS']._serialized_start=83
-  _globals['_VMMSTATUS']._serialized_end=508
-  _globals['_VMMSTATUS_STATE']._serialized_start=401
-  _globals['_VMMSTATUS_STATE']._serialized_end=508
-  _globals['_RESTOREREQUEST']._serialized_start=510
-  _globals['_RESTOREREQUEST']._serialized_end=610
-  _globals['_CREATEREQUEST']._serialized_start=612
-  _globals['_CREATEREQUEST']._serialized_end=700
-  _globals['_RESUMEREQUEST']._serialized_start=702
-  _globals['_RESUMEREQUEST']._serialized_end=738
-  _globals['_PAUSEREQUEST']._serialized_start=740
-  _globals['_PAUSEREQUEST']._serialized_end=848
-  _globals['_PAUSEREPLY']._serialized_start=851
-  _globals['_PAUSEREPLY']._serialized_end=995
-  _globals['_MEMORYINFO']._serialized_start=997
-  _globals['_MEMORYINFO']._serialized_end=1080
-  _globals['_DIRTYLOGREQUEST']._serialized_start=1082
-  _globals['_DIRTYLOGREQUEST']._serialized_end=1206
-  _globals['_DIRTYLOGREQUEST_OP']._serialized_start=1150
-  _globals['_DIRTYLOGREQUEST_OP']._serialized_end=1206
-  _globals['_DIRTYLOGREPLY']._serialized_start=1208
-  _globals['_DIRTYLOGREPLY']._serialized_end=1278
-  _globals['_THROTTLEREQUEST']._serialized_start=1280
-  _globals['_THROTTLEREQUEST']._serialized_end=1314
-  _globals['_CONSOLEREADREQUEST']._serialized_start=1316
-  _globals['_CONSOLEREADREQUEST']._serialized_end=1372
-  _globals['_CONSOLEDATA']._serialized_start=1374
-  _globals['_CONSOLEDATA']._serialized_end=1421
-  _globals['_SHUTDOWNREQUEST']._serialized_start=1423
-  _globals['_SHUTDOWNREQUEST']._serialized_end=1456
-  _globals['_VMM']._serialized_start=1459
-  _globals['_VMM']._serialized_end=2359
+  _globals['_VMMSTATUS']._serialized_end=533
+  _globals['_VMMSTATUS_STATE']._serialized_start=426
+  _globals['_VMMSTATUS_STATE']._serialized_end=533
+  _globals['_RESTOREREQUEST']._serialized_start=535
+  _globals['_RESTOREREQUEST']._serialized_end=635
+  _globals['_LAZYREQUEST']._serialized_start=637
+  _globals['_LAZYREQUEST']._serialized_end=706
+  _globals['_CREATEREQUEST']._serialized_start=708
+  _globals['_CREATEREQUEST']._serialized_end=796
+  _globals['_RESUMEREQUEST']._serialized_start=798
+  _globals['_RESUMEREQUEST']._serialized_end=834
+  _globals['_PAUSEREQUEST']._serialized_start=836
+  _globals['_PAUSEREQUEST']._serialized_end=944
+  _globals['_PAUSEREPLY']._serialized_start=947
+  _globals['_PAUSEREPLY']._serialized_end=1091
+  _globals['_MEMORYINFO']._serialized_start=1093
+  _globals['_MEMORYINFO']._serialized_end=1176
+  _globals['_DIRTYLOGREQUEST']._serialized_start=1178
+  _globals['_DIRTYLOGREQUEST']._serialized_end=1302
+  _globals['_DIRTYLOGREQUEST_OP']._serialized_start=1246
+  _globals['_DIRTYLOGREQUEST_OP']._serialized_end=1302
+  _globals['_DIRTYLOGREPLY']._serialized_start=1304
+  _globals['_DIRTYLOGREPLY']._serialized_end=1374
+  _globals['_THROTTLEREQUEST']._serialized_start=1376
+  _globals['_THROTTLEREQUEST']._serialized_end=1410
+  _globals['_CONSOLEREADREQUEST']._serialized_start=1412
+  _globals['_CONSOLEREADREQUEST']._serialized_end=1468
+  _globals['_CONSOLEDATA']._serialized_start=1470
+  _globals['_CONSOLEDATA']._serialized_end=1517
+  _globals['_SHUTDOWNREQUEST']._serialized_start=1519
+  _globals['_SHUTDOWNREQUEST']._serialized_end=1552
+  _globals['_VMM']._serialized_start=1555
+  _globals['_VMM']._serialized_end=2524
 # @@protoc_insertion_point(module_scope)

@@ -13,7 +13,7 @@ class Empty(_message.Message):
     def __init__(self) -> None: ...
 
 class VmmStatus(_message.Message):
-    __slots__ = ("name", "state", "pid", "config", "detail", "exits", "uptime_s", "throttle_percent", "awaiting_commit", "migration_id", "pause_reason", "console_end", "features_in_use")
+    __slots__ = ("name", "state", "pid", "config", "detail", "exits", "uptime_s", "throttle_percent", "awaiting_commit", "migration_id", "pause_reason", "console_end", "features_in_use", "lazy_bytes_left")
     class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATE_UNSPECIFIED: _ClassVar[VmmStatus.State]
@@ -43,6 +43,7 @@ class VmmStatus(_message.Message):
     PAUSE_REASON_FIELD_NUMBER: _ClassVar[int]
     CONSOLE_END_FIELD_NUMBER: _ClassVar[int]
     FEATURES_IN_USE_FIELD_NUMBER: _ClassVar[int]
+    LAZY_BYTES_LEFT_FIELD_NUMBER: _ClassVar[int]
     name: str
     state: VmmStatus.State
     pid: int
@@ -56,7 +57,8 @@ class VmmStatus(_message.Message):
     pause_reason: str
     console_end: int
     features_in_use: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., state: _Optional[_Union[VmmStatus.State, str]] = ..., pid: _Optional[int] = ..., config: _Optional[_Union[_state_pb2.VmConfig, _Mapping]] = ..., detail: _Optional[str] = ..., exits: _Optional[int] = ..., uptime_s: _Optional[float] = ..., throttle_percent: _Optional[int] = ..., awaiting_commit: _Optional[bool] = ..., migration_id: _Optional[str] = ..., pause_reason: _Optional[str] = ..., console_end: _Optional[int] = ..., features_in_use: _Optional[_Iterable[str]] = ...) -> None: ...
+    lazy_bytes_left: int
+    def __init__(self, name: _Optional[str] = ..., state: _Optional[_Union[VmmStatus.State, str]] = ..., pid: _Optional[int] = ..., config: _Optional[_Union[_state_pb2.VmConfig, _Mapping]] = ..., detail: _Optional[str] = ..., exits: _Optional[int] = ..., uptime_s: _Optional[float] = ..., throttle_percent: _Optional[int] = ..., awaiting_commit: _Optional[bool] = ..., migration_id: _Optional[str] = ..., pause_reason: _Optional[str] = ..., console_end: _Optional[int] = ..., features_in_use: _Optional[_Iterable[str]] = ..., lazy_bytes_left: _Optional[int] = ...) -> None: ...
 
 class RestoreRequest(_message.Message):
     __slots__ = ("state", "migration_id", "console_history")
@@ -67,6 +69,16 @@ class RestoreRequest(_message.Message):
     migration_id: str
     console_history: bytes
     def __init__(self, state: _Optional[_Union[_state_pb2.VmState, _Mapping]] = ..., migration_id: _Optional[str] = ..., console_history: _Optional[bytes] = ...) -> None: ...
+
+class LazyRequest(_message.Message):
+    __slots__ = ("path", "image_offset", "page_index")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    PAGE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    image_offset: int
+    page_index: bytes
+    def __init__(self, path: _Optional[str] = ..., image_offset: _Optional[int] = ..., page_index: _Optional[bytes] = ...) -> None: ...
 
 class CreateRequest(_message.Message):
     __slots__ = ("config", "dir", "memory_file")

@@ -55,6 +55,11 @@ class VmmStub:
                 request_serializer=vmigrate_dot_proto_dot_vmm__pb2.RestoreRequest.SerializeToString,
                 response_deserializer=vmigrate_dot_proto_dot_vmm__pb2.VmmStatus.FromString,
                 _registered_method=True)
+        self.MapLazy = channel.unary_unary(
+                '/vmigrate.vmm.v1.Vmm/MapLazy',
+                request_serializer=vmigrate_dot_proto_dot_vmm__pb2.LazyRequest.SerializeToString,
+                response_deserializer=vmigrate_dot_proto_dot_vmm__pb2.VmmStatus.FromString,
+                _registered_method=True)
         self.Pause = channel.unary_unary(
                 '/vmigrate.vmm.v1.Vmm/Pause',
                 request_serializer=vmigrate_dot_proto_dot_vmm__pb2.PauseRequest.SerializeToString,
@@ -129,6 +134,14 @@ class VmmServicer:
 
     def Restore(self, request, context):
         """Load a saved state into a VMM that has not run yet; it stays paused.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MapLazy(self, request, context):
+        """Before Restore: take guest memory on demand from a mapped-layout
+        checkpoint (userfaultfd) instead of having it written in advance.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -214,6 +227,11 @@ def add_VmmServicer_to_server(servicer, server):
             'Restore': grpc.unary_unary_rpc_method_handler(
                     servicer.Restore,
                     request_deserializer=vmigrate_dot_proto_dot_vmm__pb2.RestoreRequest.FromString,
+                    response_serializer=vmigrate_dot_proto_dot_vmm__pb2.VmmStatus.SerializeToString,
+            ),
+            'MapLazy': grpc.unary_unary_rpc_method_handler(
+                    servicer.MapLazy,
+                    request_deserializer=vmigrate_dot_proto_dot_vmm__pb2.LazyRequest.FromString,
                     response_serializer=vmigrate_dot_proto_dot_vmm__pb2.VmmStatus.SerializeToString,
             ),
             'Pause': grpc.unary_unary_rpc_method_handler(
@@ -369,6 +387,33 @@ class Vmm:
             target,
             '/vmigrate.vmm.v1.Vmm/Restore',
             vmigrate_dot_proto_dot_vmm__pb2.RestoreRequest.SerializeToString,
+            vmigrate_dot_proto_dot_vmm__pb2.VmmStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MapLazy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vmigrate.vmm.v1.Vmm/MapLazy',
+            vmigrate_dot_proto_dot_vmm__pb2.LazyRequest.SerializeToString,
             vmigrate_dot_proto_dot_vmm__pb2.VmmStatus.FromString,
             options,
             channel_credentials,

@@ -374,3 +374,67 @@ def test_bad_files_through_the_cli(local, good_file, tmp_path):
     # only the agent's spare (standby) VMM is left, no guest's directory
     assert [d.name for d in (local.home / "local" / "vms").iterdir()
             if not d.name.startswith(".standby-")] == []
+
+
+# ---------------------------------------------------------------- mapped layout, lazy restore
+
+
+def test_mapped_checkpoint_restores_lazily_and_fully(local, short_tmp):
+    local.run("run", "vm1", "--test-guest", "--memory", "128M", "--working-set", "64M",
+              "--dirty-rate", "64M", "--heartbeat-ms", "200")
+    local.wait_heartbeats("vm1", 4)                    # the working set written once
+    path = short_tmp / "vm1.map"
+    r = local.json("checkpoint", "vm1", str(path), "--mapped")
+    info = local.json("inspect", str(path))
+    assert info["memory_image"]["length"] == 128 << 20
+    assert info["memory_image"]["pages_with_data"] >= 64 * 256
+    assert int(r["file_bytes"]) == path.stat().st_size
+    before = {0: report.parse(_history(local, path)).last(0).n}
+    lazy = local.json("restore", str(path), "--name", "lazy", "--lazy")
+    full = local.json("restore", str(path), "--name", "full")
+    assert lazy["restore_ms"] < full["restore_ms"]
+    for name in ("lazy", "full"):
+        _restored_clean(local, name, before, 1)
+    # a guest still filling from its file can be moved on: its memory is complete first
+    local.run("checkpoint", "lazy", str(short_tmp / "again.ckpt"))
+    local.run("restore", str(short_tmp / "again.ckpt"), "--name", "again")
+    _restored_clean(local, "again", {0: report.parse(_history(local, short_tmp / "again.ckpt"))
+                                     .last(0).n}, 1)
+
+
+def test_damaged_mapped_image_is_caught(local, short_tmp):
+    local.run("run", "vm1", "--test-guest", "--memory", "64M", "--working-set", "16M",
+              "--dirty-rate", "64M", "--heartbeat-ms", "200")
+    local.wait_heartbeats("vm1", 2)
+    path = short_tmp / "vm1.map"
+    local.run("checkpoint", "vm1", str(path), "--mapped", "--stop")
+    offset = local.json("inspect", str(path))["memory_image"]["offset"]
+    data = bytearray(path.read_bytes())
+    data[offset + 0x200000 + 100] ^= 0xFF          # a byte of the working set's first page
+    path.write_bytes(bytes(data))
+    err = _fails(local, "restore", str(path), "--name", "full")
+    assert "does not match its page index" in err, err
+    # lazily, the guest is already running when the page is read: it is stopped, not fed
+    local.run("restore", str(path), "--name", "lazy", "--lazy")
+    import time
+
+    deadline = time.monotonic() + 30
+    while True:
+        vm = {v["name"]: v for v in local.json("ps")}["lazy"]
+        if vm["state"] == "crashed":
+            assert "damaged" in vm["detail"], vm
+            break
+        assert time.monotonic() < deadline, vm
+        time.sleep(0.2)
+    assert "CORRUPT" not in local.logs("lazy")
+
+
+def test_lazy_needs_a_mapped_file(local, short_tmp):
+    local.run("run", "vm1", "--test-guest")
+    local.wait_heartbeats("vm1", 1)
+    local.run("checkpoint", "vm1", str(short_tmp / "plain.ckpt"))
+    assert "checkpoint --mapped" in _fails(local, "restore", str(short_tmp / "plain.ckpt"),
+                                           "--name", "x", "--lazy")
+    assert "cannot be incremental" in _fails(local, "checkpoint", "vm1", str(short_tmp / "m"),
+                                             "--mapped", "--incremental-from",
+                                             str(short_tmp / "plain.ckpt"))

@@ -73,6 +73,10 @@ class VmmClient:
         return self._call("restore", "Restore", vmm_pb2.RestoreRequest(
             state=state, migration_id=migration_id, console_history=console_history))
 
+    def map_lazy(self, path: str, image_offset: int, page_index: bytes) -> None:
+        self._call("lazy restore", "MapLazy", vmm_pb2.LazyRequest(
+            path=path, image_offset=image_offset, page_index=page_index))
+
     def pause(self, reason: str = "user") -> float:
         return self._call("pause", "Pause", vmm_pb2.PauseRequest(reason=reason)).pause_ms
 

@@ -79,6 +79,11 @@ class GuestMemory:
     def pages(self) -> int:
         return self.size // PAGE
 
+    @property
+    def base(self) -> int:
+        """Address of the mapping in this process."""
+        return self._base
+
     def proc_path(self) -> str:
         return f"/proc/{os.getpid()}/fd/{self.fd}"
 

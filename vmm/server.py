@@ -67,6 +67,7 @@ class VmmService(vmm_pb2_grpc.VmmServicer):
         self.migration_id = ""
         self.pause_reason = ""
         self._create_lock = threading.Lock()
+        self.lazy: object | None = None      # LazyMemory while a lazy restore fills memory
 
     @property
     def m(self) -> Machine:
@@ -109,7 +110,15 @@ class VmmService(vmm_pb2_grpc.VmmServicer):
             detail=m.detail, exits=m.exits, uptime_s=uptime, throttle_percent=m.throttle_percent,
             awaiting_commit=self.awaiting_commit, migration_id=self.migration_id,
             pause_reason=self.pause_reason if m.state == MachineState.PAUSED else "",
-            console_end=m.console.end, features_in_use=m.features_in_use())
+            console_end=m.console.end, features_in_use=m.features_in_use(),
+            lazy_bytes_left=self._lazy_left())
+
+    def _lazy_left(self) -> int:
+        lazy = self.lazy
+        if lazy is None or lazy.done.is_set():  # type: ignore[attr-defined]
+            return 0
+        copied, total = lazy.progress()  # type: ignore[attr-defined]
+        return max(0, total - copied)
 
     def _fail(self, context: grpc.ServicerContext, e: Exception,
               code: grpc.StatusCode = grpc.StatusCode.FAILED_PRECONDITION) -> None:
@@ -142,6 +151,25 @@ class VmmService(vmm_pb2_grpc.VmmServicer):
                 raise MachineError("the VM config names no guest to boot")
         except (MachineError, ValueError, OSError) as e:
             self._fail(context, e)
+        return self._status()
+
+    def MapLazy(self, request: vmm_pb2.LazyRequest,
+                context: grpc.ServicerContext) -> vmm_pb2.VmmStatus:
+        from vmigrate.vmm.lazymem import LazyError, LazyMemory
+        from vmigrate.vmm.vcpu import GuestStopped
+
+        m = self.m
+        if m.state != MachineState.CREATED or self.lazy is not None:
+            raise MachineError("lazy memory must be set up once, before the restore")
+
+        def damaged(why: str) -> None:
+            m._stop_from_guest(GuestStopped(f"lazy restore: {why}", True))
+        try:
+            self.lazy = LazyMemory(m.memory.base, m.memory.size, request.path,
+                                   request.image_offset, request.page_index, damaged)
+        except LazyError as e:
+            raise MachineError(str(e)) from None
+        self.lazy.start()
         return self._status()
 
     def Restore(self, request: vmm_pb2.RestoreRequest,
@@ -201,6 +229,11 @@ class VmmService(vmm_pb2_grpc.VmmServicer):
 
     def Memory(self, request: vmm_pb2.Empty, context: grpc.ServicerContext) -> vmm_pb2.MemoryInfo:
         mem = self.m.memory
+        lazy = self.lazy
+        # Another process must not read guest memory while a lazy restore is
+        # filling it (a missing page read elsewhere would become a zero page).
+        if lazy is not None and not lazy.wait(600):  # type: ignore[attr-defined]
+            raise MachineError("guest memory is still arriving from its checkpoint")
         layout = pb.MemoryLayout(page_size=4096, regions=[
             pb.MemoryRegion(guest_phys_addr=r.guest_phys_addr, size=r.size,
                             file_offset=r.file_offset) for r in mem.regions])
@@ -341,6 +374,8 @@ def serve(vm_dir: Path, memory_file: str | None = None, standby: bool = False) -
         machine = service._m
         if machine is not None:
             machine.stop("VMM shut down")
+        if service.lazy is not None:
+            service.lazy.close()  # type: ignore[attr-defined]
         server.stop(grace=0.5).wait(2)
         if service.console is not None:
             service.console.close()
