@@ -30,7 +30,7 @@ from vmigrate.proto import agent_pb2
 from vmigrate.vmm.client import pid_alive
 
 AGENT_START_TIMEOUT_S = 60.0
-IDLE_EXIT_S = 10.0
+IDLE_EXIT_S = 60.0
 
 
 def agent_argv(name: str, listen: str, state_dir: Path, store_url: str,
@@ -210,8 +210,18 @@ def local_address() -> str:
 def ensure_local_agent() -> str:
     """The address of this machine's on-demand agent, starting it if needed."""
     d = local_dir()
-    if agent_info(d) is not None:
+    info = agent_info(d)
+    if info is not None:
         return local_address()
+    # An agent on its way out (idle exit) has already removed agent.json but
+    # still holds the socket and the store: let it finish first.
+    try:
+        pid = int((d / "agent.pid").read_text())
+    except (OSError, ValueError):
+        pid = 0
+    deadline = time.monotonic() + 10
+    while pid and pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
     start_agent(agent_argv(LOCAL_HOST, local_address(), d, local_store_url(), None,
                            idle_exit=IDLE_EXIT_S), d)
     return local_address()

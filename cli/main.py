@@ -329,16 +329,17 @@ def cmd_ps(s: Session, a: argparse.Namespace) -> int:
 
 
 def _unseen_guests(s: Session, seen: list[agent_pb2.VmInfo]) -> list[agent_pb2.VmInfo]:
-    """`ps --all`: guests the cluster store has whose host did not list them
-    (its agent is down or does not answer), so every guest shows up."""
-    names = {i.name for i in seen}
+    """`ps --all`: guests the cluster store has whose owner did not list them
+    (its agent is down or does not answer), so every guest shows up where it
+    belongs, beside any half-arrived copy elsewhere (state "incoming")."""
+    listed = {(i.name, i.host) for i in seen}
     alive = {h.name for h in s.store.list_hosts() if h.alive}
     return [agent_pb2.VmInfo(name=v.name, host=v.owner, state="unknown",
                              config=pb.VmConfig(memory_bytes=int(v.spec.get("memory_bytes", 0)),
                                                 vcpu_count=int(v.spec.get("vcpus", 0))),
                              detail=("its host does not list it" if v.owner in alive
                                      else "its host's agent is down"))
-            for v in s.store.list_vms() if v.name not in names]
+            for v in s.store.list_vms() if (v.name, v.owner) not in listed]
 
 
 def cmd_logs(s: Session, a: argparse.Namespace) -> int:

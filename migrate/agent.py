@@ -85,6 +85,7 @@ class Agent(agent_pb2_grpc.AgentServicer):
         self.vms = VmRegistry(cfg.state_dir, cfg.standby_vmms)
         self.address = cfg.advertise or cfg.listen
         self.stopping = threading.Event()
+        self.last_call = time.monotonic()     # for the on-demand agent's idle exit
         self._heartbeat: store.Heartbeat | None = None
         self._kvm_checked: str | None = None
         from vmigrate.migrate.incoming import IncomingMigrations
@@ -109,6 +110,12 @@ class Agent(agent_pb2_grpc.AgentServicer):
             log.error("cannot register again: %s", e)
 
     def adopt(self) -> None:
+        from vmigrate.migrate.upgrade import settle_interrupted
+
+        # First any same-host upgrade a previous agent left half-done, so that
+        # exactly one VMM per guest is adopted below.
+        for note in settle_interrupted(self.vms.root):
+            log.info("%s", note)
         adopted, removed = self.vms.adopt_existing()
         from vmigrate.migrate.outgoing import recover_source
 
@@ -391,6 +398,7 @@ def serve(cfg: AgentConfig) -> None:
     agent.vms.standby.refill()
     server.start()
     agent.register()
+    (cfg.state_dir / "agent.pid").write_text(f"{os.getpid()}\n")
     info = {"name": cfg.name, "pid": os.getpid(), "address": agent.address,
             "version": versions.software_version(), "store": cfg.store_url}
     tmp = cfg.state_dir / (AGENT_INFO + ".tmp")
@@ -403,24 +411,30 @@ def serve(cfg: AgentConfig) -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    idle_since = time.monotonic()
     try:
         while not agent.stopping.wait(0.5):
             if cfg.idle_exit_s:
                 if agent.vms.all() or agent.incoming.active():
-                    idle_since = time.monotonic()
-                elif time.monotonic() - idle_since > cfg.idle_exit_s:
-                    log.info("no guests for %.0f s: exiting", cfg.idle_exit_s)
+                    agent.last_call = time.monotonic()
+                elif time.monotonic() - agent.last_call > cfg.idle_exit_s:
+                    log.info("no guests and no calls for %.0f s: exiting", cfg.idle_exit_s)
                     break
     finally:
+        # Say we are gone before we go: a client must start a new agent rather
+        # than talk to this one while it shuts down.
+        with contextlib.suppress(FileNotFoundError):
+            (cfg.state_dir / AGENT_INFO).unlink()
         server.stop(grace=1.0).wait(3)
         agent.close()
         with contextlib.suppress(store.StoreError):
-            if not agent.vms.all():
+            # An empty host leaves the cluster; a drained one stays known (and
+            # drained), so it comes back drained after an upgrade's restart.
+            if not agent.vms.all() and st.get_host(cfg.name).schedulable:
                 st.deregister_host(cfg.name)
         st.close()
-        with contextlib.suppress(FileNotFoundError):
-            (cfg.state_dir / AGENT_INFO).unlink()
+        for name in (AGENT_INFO, "agent.pid"):
+            with contextlib.suppress(FileNotFoundError):
+                (cfg.state_dir / name).unlink()
 
 
 def _add_port(server: grpc.Server, cfg: AgentConfig) -> int:

@@ -431,10 +431,18 @@ def _restore(agent: Agent, req: agent_pb2.RestoreRequest,
             memory.close()
             memory = None
         vm.client.restore(state)
-        if req.paused:
-            vm.client.resume_paused()
-        else:
-            vm.client.resume()
+        try:
+            if req.paused:
+                vm.client.resume_paused()
+            else:
+                vm.client.resume()
+        except VmmError:
+            detail = ""
+            with contextlib.suppress(VmmError):
+                detail = vm.status().detail      # e.g. a lazy restore found a damaged page
+            if detail:
+                raise AgentError(f"{path}: {detail}", grpc.StatusCode.DATA_LOSS) from None
+            raise
         ms = (time.monotonic() - t_start) * 1000
         agent._update_info()
         return agent_pb2.Progress(phase="done", checkpoint=agent_pb2.CheckpointReport(

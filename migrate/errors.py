@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -78,6 +79,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 def unary(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        self.last_call = time.monotonic()
         try:
             return fn(self, request, context)
         except grpc.RpcError:
@@ -92,6 +94,7 @@ def unary(fn: F) -> F:
 def streaming(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        self.last_call = time.monotonic()
         try:
             yield from fn(self, request, context)
         except grpc.RpcError:

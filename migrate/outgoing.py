@@ -495,18 +495,21 @@ def _retry(fn: Callable, attempts: int = 5, delay: float = 0.5) -> object:
 
 
 def recover_source(agent: Agent, vm: LocalVm) -> None:
-    """After an agent restart: a guest this host paused for a migration that
-    the old agent never finished. The store says how it ended."""
+    """After an agent restart: a migration of this guest that the old agent
+    never finished (no send can be running now). The store says how it ended;
+    a pending one is aborted at once, so the guest can move again without
+    waiting for the destination to give up."""
     try:
         st = vm.status()
     except VmmError:
         return
-    if st.state != 3 or st.pause_reason != "migration":       # not PAUSED for a migration
-        return
+    paused_for_us = st.state == 3 and st.pause_reason == "migration"
     mig = agent.store.get_migration(vm.name)
     owner = agent.store.get_vm(vm.name).owner
     pending = (mig is not None and mig.src == agent.name
                and mig.state == store.MigrationState.PENDING)
+    if not paused_for_us and not pending:
+        return
     if pending and not agent.store.abort_migration(vm.name, mig.migration_id):
         mig = agent.store.get_migration(vm.name)
         owner = agent.store.get_vm(vm.name).owner
@@ -518,9 +521,9 @@ def recover_source(agent: Agent, vm: LocalVm) -> None:
             with contextlib.suppress(store.StoreError):
                 agent.store.finish_migration(vm.name, mig.migration_id)
         return
-    log.info("%s stayed here (migration %s): resuming it", vm.name,
-             mig.state if mig else "gone")
+    log.info("%s stayed here (migration %s)", vm.name, mig.state if mig else "gone")
     if mig is not None:
         with contextlib.suppress(store.StoreError):
             agent.store.finish_migration(vm.name, mig.migration_id)
-    vm.client.resume()
+    if paused_for_us:
+        vm.client.resume()

@@ -21,6 +21,10 @@ from vmigrate.vmm.client import VmmClient, VmmError, kill_vmm, pid_alive, read_p
 from vmigrate.vmm.server import CONFIG_NAME, CONSOLE_NAME
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+# A same-host upgrade (migrate/upgrade.py) starts the guest's new VMM in
+# vms/.upgrade-ID-NAME and renames it to vms/NAME once the old VMM is gone; an
+# agent that restarts settles such a directory before adopting guests.
+UPGRADE_PREFIX = ".upgrade-"
 
 STATE_NAMES = {
     vmm_pb2.VmmStatus.CREATED: "created",
@@ -259,6 +263,10 @@ class VmRegistry:
                 if pid and pid_alive(pid):
                     kill_vmm(pid)
                 shutil.rmtree(vm_dir, ignore_errors=True)
+                continue
+            if vm_dir.name.startswith(UPGRADE_PREFIX):
+                # An upgrade the agent could not settle (upgrade.settle_interrupted
+                # logged why): never adopt a second VMM for the same guest.
                 continue
             pid = read_pid(vm_dir)
             if pid is None or not pid_alive(pid):

@@ -381,9 +381,14 @@ def serve(vm_dir: Path, memory_file: str | None = None, standby: bool = False) -
             service.console.close()
         if machine is not None:
             machine.close()
-        for name in (SOCKET_NAME, PID_NAME):     # where they are now (a standby VMM moves)
-            with contextlib.suppress(FileNotFoundError):
-                (service.dir / name).unlink()
+        # Where they are now (a standby VMM moves), and only if still ours: a
+        # directory can have been handed to another VMM (a same-host upgrade).
+        pid_file = service.dir / PID_NAME
+        with contextlib.suppress(OSError, ValueError):
+            if int(pid_file.read_text()) == os.getpid():
+                with contextlib.suppress(FileNotFoundError):
+                    (service.dir / SOCKET_NAME).unlink()
+                pid_file.unlink()
 
 
 def main(argv: list[str] | None = None) -> None:
