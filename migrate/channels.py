@@ -20,9 +20,6 @@ CHANNEL_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
 ]
-# Compression pays only when the link, not the CPU, limits the transfer:
-# below about 2 Gbit/s per sending core (PERF-NOTES).
-COMPRESS_BELOW_BYTES_PER_S_PER_STREAM = 250_000_000
 
 
 def agent_channel(cfg: AgentConfig, address: str, peer_name: str) -> grpc.Channel:
@@ -44,8 +41,3 @@ def rpc_error(what: str, e: grpc.RpcError) -> AgentError:
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return AgentError(f"{what}: no answer in time", code)
     return AgentError(f"{what}: {details}", code)
-
-
-def compression_pays(bandwidth_cap: int, streams: int) -> bool:
-    """Whether to compress, from what is known before sending."""
-    return bool(bandwidth_cap) and bandwidth_cap < COMPRESS_BELOW_BYTES_PER_S_PER_STREAM * streams

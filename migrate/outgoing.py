@@ -36,6 +36,7 @@ from vmigrate.migrate import (
     translate,
     versions,
 )
+from vmigrate.migrate.compression import CompressionGovernor
 from vmigrate.migrate.errors import AgentError, Cancelled, Refused
 from vmigrate.migrate.progress import Stopwatch
 from vmigrate.migrate.vms import LocalVm
@@ -102,8 +103,10 @@ class NetworkSink:
     later copy of a page can never be overtaken by an older one)."""
 
     def __init__(self, channel: grpc.Channel, migration_id: str,
-                 encoders: list[pages.Encoder], limit: RateLimit) -> None:
+                 encoders: list[pages.Encoder], limit: RateLimit,
+                 governor: CompressionGovernor) -> None:
         self.push = pagestream.push_callable(channel)
+        self.governor = governor
         self.id = migration_id
         self.streams = len(encoders)
         self.encoders = encoders
@@ -153,6 +156,7 @@ class NetworkSink:
                         self.counts.add(local)
                         local.__init__()
                     yield frame
+                    self.governor.observe(len(frame), sum(c.pages for c in chunks) * pages.PAGE)
                     tick()
             except Exception as e:
                 stopped.append(e)
@@ -266,12 +270,14 @@ class Migration:
             self.dest_prepared = True
             self.report.setup_ms = self._ms(self.t0)
 
-            compress = self._compress_decision(memory, layout)
             level = int(self.opts.compress) if self.opts.compress.lstrip("-").isdigit() \
                 else pages.ZSTD_LEVEL
-            encoders = [pages.Encoder(memory.map, layout, compress, level)
+            encoders = [pages.Encoder(memory.map, layout, False, level)
                         for _ in range(self.opts.streams)]
-            sink = NetworkSink(self.channel, self.id, encoders, RateLimit(self.opts.bandwidth))
+            governor = CompressionGovernor(encoders, self.opts.compress, self.opts.bandwidth,
+                                           level)
+            sink = NetworkSink(self.channel, self.id, encoders, RateLimit(self.opts.bandwidth),
+                               governor)
             vm.client.start_dirty_log()
             dirty_on = True
             t_log = time.monotonic()
@@ -307,6 +313,7 @@ class Migration:
                 stay_paused=self.was_paused), step)
             self.report.downtime_ms = self._ms(self.paused_at)
             self.report.outcome = "completed"
+            self.report.compression = governor.summary()
             self._fill(pc, sink.counts)
             self.emit(agent_pb2.Progress(phase="committed",
                                          message=f"{vm.name} runs on {self.dest}"))
@@ -377,19 +384,6 @@ class Migration:
                               f"and {blocked[0]}")
             raise Refused(f"{self.dest} refused the migration: {reply.reason}")
         return reply.state_version
-
-    def _compress_decision(self, memory: MappedMemory, layout: pages.Layout) -> bool:
-        c = self.opts.compress
-        if c == "off":
-            self.report.compression = "off"
-            return False
-        if c != "auto":
-            self.report.compression = f"zstd level {c}"
-            return True
-        # Compression pays only when the link, not the CPU, is the bottleneck.
-        decision = channels.compression_pays(self.opts.bandwidth, self.opts.streams)
-        self.report.compression = "zstd (auto)" if decision else "raw (auto)"
-        return decision
 
     def _last_pages(self, pc: precopy.Precopy, sink: NetworkSink, encoder: pages.Encoder,
                     final: np.ndarray) -> list[pb.MemoryChunk]:
