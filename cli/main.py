@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -345,32 +346,43 @@ def _unseen_guests(s: Session, seen: list[agent_pb2.VmInfo]) -> list[agent_pb2.V
 def cmd_logs(s: Session, a: argparse.Namespace) -> int:
     host = s.host_of(a.name)
     tail = parse_size(a.tail, "--tail") if a.tail else 0
-    stream = s.agent(host).ReadConsole(agent_pb2.ReadConsoleRequest(
-        name=a.name, follow=a.follow, tail_bytes=tail))
     out = sys.stdout.buffer
-    try:
-        for chunk in stream:
-            out.write(chunk.data)
-            out.flush()
-    except grpc.RpcError as e:
-        if e.code() == grpc.StatusCode.CANCELLED:
+    only_new = False
+    while True:
+        stream = s.agent(host).ReadConsole(agent_pb2.ReadConsoleRequest(
+            name=a.name, follow=a.follow, tail_bytes=tail, only_new=only_new))
+        try:
+            for chunk in stream:
+                out.write(chunk.data)
+                out.flush()
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.CANCELLED:
+                return 0
+            if not a.follow or e.code() not in (grpc.StatusCode.NOT_FOUND,
+                                                grpc.StatusCode.UNAVAILABLE,
+                                                grpc.StatusCode.FAILED_PRECONDITION):
+                raise CliError(_rpc_message(e, "logs")) from None
+        except KeyboardInterrupt:
+            stream.cancel()
             return 0
-        if a.follow and e.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE,
-                                     grpc.StatusCode.FAILED_PRECONDITION):
-            # The guest moved or stopped: follow it to its new host.
+        if not a.follow:
+            return 0
+        # The stream ended: the guest moved to another host or into a new VMM
+        # (an in-place upgrade), or it stopped. Follow it if it still exists.
+        try:
+            new_host = s.host_of(a.name)
+            s.agent(new_host).GetVm(agent_pb2.VmRef(name=a.name), timeout=10)
+        except (CliError, grpc.RpcError):
+            time.sleep(0.5)
             try:
                 new_host = s.host_of(a.name)
             except CliError:
                 print(f"\n[{a.name} stopped]", file=sys.stderr)
                 return 0
-            if new_host != host:
-                print(f"\n[{a.name} moved to {new_host}]", file=sys.stderr)
-                a.tail = "1"
-                return cmd_logs(s, a)
-        raise CliError(_rpc_message(e, "logs")) from None
-    except KeyboardInterrupt:
-        stream.cancel()
-    return 0
+        if new_host != host:
+            print(f"\n[{a.name} moved to {new_host}]", file=sys.stderr)
+        host, only_new = new_host, True
+        time.sleep(0.2)
 
 
 def _simple(method: str, verb: str) -> Callable[[Session, argparse.Namespace], int]:

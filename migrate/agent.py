@@ -237,7 +237,8 @@ class Agent(agent_pb2_grpc.AgentServicer):
     def ReadConsole(self, request: agent_pb2.ReadConsoleRequest,
                     context: grpc.ServicerContext) -> Iterator[agent_pb2.ConsoleChunk]:
         vm = self.vms.get(request.name)
-        for data in vm.client.console_read(follow=request.follow, tail_bytes=request.tail_bytes):
+        for data in vm.client.console_read(follow=request.follow, tail_bytes=request.tail_bytes,
+                                           only_new=request.only_new):
             if not context.is_active():
                 return
             yield agent_pb2.ConsoleChunk(data=data)

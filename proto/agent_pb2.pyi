@@ -98,14 +98,16 @@ class VmList(_message.Message):
     def __init__(self, vms: _Optional[_Iterable[_Union[VmInfo, _Mapping]]] = ...) -> None: ...
 
 class ReadConsoleRequest(_message.Message):
-    __slots__ = ("name", "follow", "tail_bytes")
+    __slots__ = ("name", "follow", "tail_bytes", "only_new")
     NAME_FIELD_NUMBER: _ClassVar[int]
     FOLLOW_FIELD_NUMBER: _ClassVar[int]
     TAIL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ONLY_NEW_FIELD_NUMBER: _ClassVar[int]
     name: str
     follow: bool
     tail_bytes: int
-    def __init__(self, name: _Optional[str] = ..., follow: _Optional[bool] = ..., tail_bytes: _Optional[int] = ...) -> None: ...
+    only_new: bool
+    def __init__(self, name: _Optional[str] = ..., follow: _Optional[bool] = ..., tail_bytes: _Optional[int] = ..., only_new: _Optional[bool] = ...) -> None: ...
 
 class ConsoleChunk(_message.Message):
     __slots__ = ("data",)

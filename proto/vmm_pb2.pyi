@@ -169,12 +169,14 @@ class ThrottleRequest(_message.Message):
     def __init__(self, percent: _Optional[int] = ...) -> None: ...
 
 class ConsoleReadRequest(_message.Message):
-    __slots__ = ("follow", "tail_bytes")
+    __slots__ = ("follow", "tail_bytes", "only_new")
     FOLLOW_FIELD_NUMBER: _ClassVar[int]
     TAIL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ONLY_NEW_FIELD_NUMBER: _ClassVar[int]
     follow: bool
     tail_bytes: int
-    def __init__(self, follow: _Optional[bool] = ..., tail_bytes: _Optional[int] = ...) -> None: ...
+    only_new: bool
+    def __init__(self, follow: _Optional[bool] = ..., tail_bytes: _Optional[int] = ..., only_new: _Optional[bool] = ...) -> None: ...
 
 class ConsoleData(_message.Message):
     __slots__ = ("data", "end_offset")

@@ -118,8 +118,8 @@ class VmmClient:
         self._call("throttle", "SetThrottle", vmm_pb2.ThrottleRequest(percent=percent))
 
     def console_read(self, follow: bool = False, tail_bytes: int = 0,
-                     timeout: float | None = None) -> Iterator[bytes]:
-        for data, _ in self.console_chunks(follow, tail_bytes, timeout):
+                     timeout: float | None = None, only_new: bool = False) -> Iterator[bytes]:
+        for data, _ in self.console_chunks(follow, tail_bytes, timeout, only_new):
             yield data
 
     def console_tail(self, tail_bytes: int) -> tuple[bytes, int]:
@@ -131,11 +131,12 @@ class VmmClient:
         return data, end
 
     def console_chunks(self, follow: bool = False, tail_bytes: int = 0,
-                       timeout: float | None = None) -> Iterator[tuple[bytes, int]]:
+                       timeout: float | None = None,
+                       only_new: bool = False) -> Iterator[tuple[bytes, int]]:
         try:
             for chunk in self.stub.ConsoleRead(
-                    vmm_pb2.ConsoleReadRequest(follow=follow, tail_bytes=tail_bytes),
-                    timeout=timeout):
+                    vmm_pb2.ConsoleReadRequest(follow=follow, tail_bytes=tail_bytes,
+                                               only_new=only_new), timeout=timeout):
                 yield chunk.data, chunk.end_offset
         except grpc.RpcError as e:
             if e.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED):

@@ -273,7 +273,10 @@ class VmmService(vmm_pb2_grpc.VmmServicer):
     def ConsoleRead(self, request: vmm_pb2.ConsoleReadRequest,
                     context: grpc.ServicerContext) -> Iterator[vmm_pb2.ConsoleData]:
         console = self.m.console
-        offset = max(0, console.end - request.tail_bytes) if request.tail_bytes else 0
+        if request.only_new:
+            offset = console.end
+        else:
+            offset = max(0, console.end - request.tail_bytes) if request.tail_bytes else 0
         data, offset = console.read(offset)
         yield vmm_pb2.ConsoleData(data=data, end_offset=offset)
         while request.follow and context.is_active() and not self.done.is_set():
