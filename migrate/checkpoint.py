@@ -37,35 +37,8 @@ CONSOLE_TAIL = 64 << 10
 MAX_CHAIN = 64
 
 
-class MappedSink:
-    """Pre-copy into a checkpoint's memory image (the mapped layout): pages are
-    written raw at their place, a later round simply overwrites them."""
-
-    def __init__(self, writer: snapfile.SnapshotWriter, encoder: pages.Encoder,
-                 hashes: np.ndarray) -> None:
-        self.writer = writer
-        self.encoder = encoder
-        self.hashes = hashes
-        self.counts = pages.Counts()
-
-    def send_pages(self, round_: int, bitmap: np.ndarray, skip_zero: bool,
-                   tick: precopy.Tick) -> int:
-        n = 0
-        layout = self.encoder.layout
-        for batch in precopy.encode_batches(self.encoder, bitmap, self.counts, skip_zero, tick,
-                                            self.hashes):
-            for c in batch:
-                off = layout.offset_of(c.gpa, c.pages * pages.PAGE)
-                if c.encoding == pages.ZERO:
-                    self.writer.zero_image(off, c.pages * pages.PAGE)
-                else:
-                    self.writer.write_image(off, c.data)
-                    n += len(c.data)
-        return n
-
-
 class FileSink:
-    """Pre-copy into a checkpoint file, keeping the page index up to date."""
+    """Pre-copy into a checkpoint file as MEMORY records, keeping the page index."""
 
     def __init__(self, writer: snapfile.SnapshotWriter, encoder: pages.Encoder,
                  hashes: np.ndarray) -> None:
@@ -81,6 +54,26 @@ class FileSink:
                                             self.hashes):
             self.writer.write_memory(round_, [c.to_msg() for c in batch])
             n += sum(len(c.data) + 24 for c in batch)
+        return n
+
+
+class MappedSink(FileSink):
+    """Pre-copy into a checkpoint's memory image (the mapped layout): pages are
+    written raw at their place, a later round simply overwrites them."""
+
+    def send_pages(self, round_: int, bitmap: np.ndarray, skip_zero: bool,
+                   tick: precopy.Tick) -> int:
+        n = 0
+        layout = self.encoder.layout
+        for batch in precopy.encode_batches(self.encoder, bitmap, self.counts, skip_zero, tick,
+                                            self.hashes):
+            for c in batch:
+                off = layout.offset_of(c.gpa, c.pages * pages.PAGE)
+                if c.encoding == pages.ZERO:
+                    self.writer.zero_image(off, c.pages * pages.PAGE)
+                else:
+                    self.writer.write_image(off, c.data)
+                    n += len(c.data)
         return n
 
 
@@ -181,15 +174,19 @@ def _checkpoint(agent: Agent, vm: LocalVm, req: agent_pb2.CheckpointRequest,
             cancel=vm.cancel, progress=emit, last_fetch=t_log)
         if was_paused:
             pc.send_round(0, first, skip_zero=fresh)
-            last = vm.client.fetch_dirty_log()
+            last = np.zeros_like(first)
         else:
             last = pc.run(first, fresh_target=fresh)
+        # The console as of the pause: what the restored guest printed last.
+        pre_console, console_end = vm.client.console_tail(CONSOLE_TAIL)
+        if not was_paused:
             paused_at = time.monotonic()
-            vm.client.pause()
             resumed = False
-        final = np.bitwise_or(last, vm.client.fetch_dirty_log())
+        paused = vm.client.pause_and_save("checkpoint", console_from=console_end)
+        final = np.bitwise_or(last, np.frombuffer(paused.dirty_bitmap, dtype=np.uint64))
         pc.send_round(len(pc.rounds), final, skip_zero=False)
-        state = translate.translate(vm.client.save(), target)
+        state = translate.translate(paused.state, target)
+        console = (pre_console + paused.console)[-CONSOLE_TAIL:]
         vm.client.stop_dirty_log()
         dirty_on = False
         if not was_paused and not req.stop:
@@ -198,7 +195,7 @@ def _checkpoint(agent: Agent, vm: LocalVm, req: agent_pb2.CheckpointRequest,
         pause_ms = (time.monotonic() - paused_at) * 1000 if paused_at else 0.0
         writer.write_state(state)
         writer.write_page_index(hashes.tobytes())
-        writer.write_console(_console_tail(vm.client))
+        writer.write_console(console)
         c = pc.counts
         trailer = file_pb2.FileTrailer(
             memory_pages=c.pages, pages_zero=c.pages_zero, pages_raw=c.pages_raw,
@@ -231,12 +228,6 @@ def _checkpoint(agent: Agent, vm: LocalVm, req: agent_pb2.CheckpointRequest,
                     vm.client.stop_dirty_log()
                 if not resumed:
                     vm.client.resume()   # a failed checkpoint leaves the guest running
-
-
-def _console_tail(client: object) -> bytes:
-    with contextlib.suppress(VmmError):
-        return b"".join(client.console_read(tail_bytes=CONSOLE_TAIL))  # type: ignore[attr-defined]
-    return b""
 
 
 def _parent_index(path_str: str, vm_name: str) -> tuple[np.ndarray, snapfile.Snapshot]:
