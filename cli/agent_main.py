@@ -53,9 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     from vmigrate.migrate import agent, store
     from vmigrate.migrate.errors import AgentError
     from vmigrate.vmm.machine import install_kick_handler
-    from vmigrate.vmm.malloc_tuning import tune_malloc
+    from vmigrate.vmm.malloc_tuning import start_heap_trimmer, tune_malloc
 
     tune_malloc()
+    start_heap_trimmer()
     install_kick_handler()
     cfg = agent.AgentConfig(
         name=opts.name, listen=opts.listen, state_dir=opts.state_dir.resolve(),

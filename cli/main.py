@@ -621,10 +621,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_later_commands(cmd: Callable) -> None:
     """Commands of the other modules (cluster operations, images, security)."""
-    from vmigrate.cli import commands_extra, linux_commands
+    from vmigrate.cli import commands_extra, linux_commands, security_commands
 
     commands_extra.register(cmd)
     linux_commands.register(cmd)
+    security_commands.register(cmd)
 
 
 def main(argv: list[str] | None = None) -> int:

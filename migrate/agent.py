@@ -26,7 +26,7 @@ import grpc
 from vmigrate.migrate import hostinfo, store, versions
 from vmigrate.migrate.errors import AgentError, streaming, unary
 from vmigrate.migrate.vms import STATE_NAMES, LocalVm, VmRegistry, check_vm_name
-from vmigrate.proto import agent_pb2, agent_pb2_grpc
+from vmigrate.proto import agent_pb2, agent_pb2_grpc, vmm_pb2
 from vmigrate.proto import state_pb2 as pb
 from vmigrate.vmm import kvm
 from vmigrate.vmm.client import VmmError
@@ -124,12 +124,27 @@ class Agent(agent_pb2_grpc.AgentServicer):
             try:
                 if vm.incoming_migration:
                     self.incoming.recover(vm)
-                else:
+                elif not self._drop_if_never_started(vm):
                     recover_source(self, vm)
             except (store.StoreError, VmmError, AgentError) as e:
                 log.error("cannot settle %s yet: %s", vm.name, e)
         for name in removed:
             log.info("removed the remains of %s", name)
+
+    def _drop_if_never_started(self, vm: LocalVm) -> bool:
+        """A VMM that never ran its guest (CREATED): the previous agent died
+        while preparing it, as a migration's destination or for a run or a
+        restore. Nothing can finish that now, and keeping it would show a
+        second copy of the guest and block its next migration here."""
+        if vm.client.status(timeout=5).state != vmm_pb2.VmmStatus.CREATED:
+            return False
+        log.info("%s: removing a VMM that never started (its agent died while preparing it)",
+                 vm.name)
+        self.vms.destroy(vm, "never started")
+        with contextlib.suppress(store.StoreError):
+            if self.store.get_vm(vm.name).owner == self.name:
+                self.store.delete_vm(vm.name, self.name)
+        return True
 
     def host_info_dict(self) -> dict:
         info = self.host_info()

@@ -59,10 +59,12 @@ def summarize(path: Path, show_chunks: bool = False) -> dict:
     enc = Counter()
     rounds: Counter[int] = Counter()
     chunks = []
+    encodings = file_pb2.MemoryRecord.DESCRIPTOR.fields_by_name["chunks"].message_type \
+        .fields_by_name["encoding"].enum_type.values_by_number
     for rec in memory:
         for c in rec.chunks:
-            name = file_pb2.MemoryRecord.DESCRIPTOR.fields_by_name["chunks"].message_type \
-                .fields_by_name["encoding"].enum_type.values_by_number[c.encoding].name
+            known = encodings.get(c.encoding)
+            name = known.name if known else f"UNKNOWN_ENCODING_{c.encoding}"
             enc[name] += c.page_count
             enc[name + "_bytes"] += len(c.data)
             rounds[rec.round] += c.page_count

@@ -497,7 +497,16 @@ def recover_source(agent: Agent, vm: LocalVm) -> None:
         st = vm.status()
     except VmmError:
         return
-    paused_for_us = st.state == 3 and st.pause_reason == "migration"
+    # A checkpoint, like a migration, never outlives its agent: a guest it
+    # paused runs again.
+    paused_for_us = st.state == 3 and st.pause_reason in ("migration", "checkpoint")
+    if st.state in (2, 3):
+        # Whatever the old agent was doing (pre-copy throttling the vCPUs,
+        # dirty logging for a migration or a checkpoint), no one finishes it now.
+        with contextlib.suppress(VmmError):
+            vm.client.set_throttle(0)
+        with contextlib.suppress(VmmError):
+            vm.client.stop_dirty_log()
     mig = agent.store.get_migration(vm.name)
     owner = agent.store.get_vm(vm.name).owner
     pending = (mig is not None and mig.src == agent.name

@@ -29,6 +29,9 @@ from vmigrate.proto import state_pb2 as pb
 PAGE = 4096
 MAX_CHUNK_PAGES = 256              # 1 MiB: the sweet spot for gRPC and zstd here
 BATCH_BYTES = 1 << 20
+# Chunks per batch (one page frame): keeps a frame's header far below the
+# receiver's 1 MiB limit even when dirty pages are scattered one by one.
+BATCH_CHUNKS = 4096
 ZSTD_LEVEL = -1                    # cheapest useful level on these machines (PERF-NOTES)
 COMPRESS_KEEP_RATIO = 0.9          # keep a compressed chunk only if it saves 10 %
 
@@ -245,7 +248,7 @@ class Encoder:
             for chunk in self.encode_run(first, count, counts, skip_zero, hashes):
                 batch.append(chunk)
                 size += len(chunk.data) + 16
-                if size >= batch_bytes:
+                if size >= batch_bytes or len(batch) >= BATCH_CHUNKS:
                     yield batch
                     batch, size = [], 0
         if batch:
@@ -319,6 +322,12 @@ class Decoder:
             if len(c.data) > length + 1024:
                 raise BadChunk(f"compressed chunk at {c.gpa:#x} is larger than its pages")
             try:
+                # python-zstandard allocates what a frame header claims and
+                # ignores max_output_size then: check the claim first.
+                claimed = zstandard.get_frame_parameters(c.data).content_size
+                if claimed not in (length, zstandard.CONTENTSIZE_UNKNOWN):
+                    raise BadChunk(f"chunk at {c.gpa:#x} claims to inflate to {claimed} "
+                                   f"bytes, expected {length}")
                 data = self._dctx.decompress(c.data, max_output_size=length)
             except zstandard.ZstdError as e:
                 raise BadChunk(f"chunk at {c.gpa:#x} does not decompress: {e}") from None

@@ -25,6 +25,7 @@ import contextlib
 import ctypes
 import errno
 import os
+import stat
 import struct
 import uuid
 from collections.abc import Iterator
@@ -256,10 +257,11 @@ class Snapshot:
 
 
 def _open(path: Path) -> tuple[object, int]:
+    """Open a checkpoint for reading; only a regular file is one. O_NONBLOCK so
+    that a FIFO (or a device) named here, or as an incremental file's parent,
+    is refused instead of blocking the reader forever."""
     try:
-        if path.is_dir():
-            raise SnapshotError(f"{path} is a directory, not a checkpoint file")
-        f = open(path, "rb")  # noqa: SIM115
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise SnapshotError(f"{path}: no such file") from None
     except PermissionError:
@@ -268,8 +270,14 @@ def _open(path: Path) -> tuple[object, int]:
         raise SnapshotError(f"{path} is a directory, not a checkpoint file") from None
     except OSError as e:
         raise SnapshotError(f"cannot open {path}: {e.strerror}") from None
-    size = os.fstat(f.fileno()).st_size
-    return f, size
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise SnapshotError(f"{path} is a directory, not a checkpoint file")
+        raise SnapshotError(f"{path} is not a regular file, so not a checkpoint file")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb"), st.st_size
 
 
 def _parse(msg: Message, payload: bytes, what: str, path: Path) -> Message:

@@ -1,7 +1,7 @@
-"""The previous release, installed from its git tag into its own virtual
-environment, runs as an agent beside the current one: guests move both ways,
-each restores the other's checkpoints, and what cannot move is refused before
-anything moves (docs/compatibility.md)."""
+"""The previous release, installed from its committed archive (releases/)
+into its own virtual environment, runs as an agent beside the current one:
+guests move both ways, each restores the other's checkpoints, and what cannot
+move is refused before anything moves (docs/compatibility.md)."""
 
 from __future__ import annotations
 
@@ -22,11 +22,13 @@ from vmigrate.proto import agent_pb2, agent_pb2_grpc
 @pytest.fixture(scope="module")
 def old():
     try:
-        tag = previous_release()
-        python = release_python(tag)
+        version = previous_release()
+        python = release_python(version)
     except ReleaseUnavailable as e:
         pytest.fail(f"the previous release is needed: {e}")
-    return tag, str(python), release_version(python)
+    installed = release_version(python)
+    assert installed == version, f"releases/ archive {version} installs {installed}"
+    return version, str(python), installed
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,8 @@ heap (see ../shared/PERF-NOTES.md for the same effect on protobuf).
 from __future__ import annotations
 
 import ctypes
+import threading
+import time
 
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
 MMAP_THRESHOLD = 32 << 20     # glibc's maximum on 64-bit
@@ -27,3 +29,26 @@ def tune_malloc() -> bool:
     return all(mallopt(param, value) == 1 for param, value in (
         (M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, TRIM_THRESHOLD),
         (M_TOP_PAD, TOP_PAD)))
+
+
+def release_free_heap() -> bool:
+    """Hand the heap's free pages back to the kernel (glibc's malloc_trim(0))."""
+    try:
+        return bool(ctypes.CDLL(None).malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
+def start_heap_trimmer(interval_s: float = 30.0) -> threading.Thread:
+    """A long-lived process (the agent) keeps the thresholds above for speed,
+    and gives freed memory back every `interval_s`: one trim costs a few ms
+    and the next migration's first frames a few page faults, while without it
+    every migration's peak stays resident (soak: 72 -> 350 MiB per agent)."""
+    def loop() -> None:
+        while True:
+            time.sleep(interval_s)
+            release_free_heap()
+
+    t = threading.Thread(target=loop, name="heap-trimmer", daemon=True)
+    t.start()
+    return t
