@@ -7,6 +7,7 @@ from pathlib import Path
 
 from vmigrate.proto import state_pb2 as pb
 from vmigrate.vmm.client import MappedMemory, VmmClient, kill_vmm, spawn_vmm
+from vmigrate.vmm.memory import data_ranges
 from vmigrate.vmm.testguest import report
 
 MIB = 1 << 20
@@ -65,11 +66,14 @@ class GuestProcess:
 
 
 def copy_memory(src: VmmClient, dst: VmmClient) -> None:
-    """Copy all guest memory from one VMM to another (both paused or not running)."""
+    """Copy all guest memory from one VMM to another (both paused or not
+    running; the destination fresh). Only what the source ever wrote is
+    copied: the rest is a hole in both memfds, zero either way."""
     a = MappedMemory(src.memory())
     b = MappedMemory(dst.memory(), writable=True)
     try:
-        b.map[:] = a.map[:]
+        for off, length in data_ranges(a.fd, a.size):
+            b.map[off:off + length] = a.map[off:off + length]
     finally:
         a.close()
         b.close()
