@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     from vmigrate.vmm.machine import install_kick_handler
     from vmigrate.vmm.malloc_tuning import start_heap_trimmer, tune_malloc
 
-    tune_malloc()
+    tune_malloc(arenas=1)
     start_heap_trimmer()
     install_kick_handler()
     cfg = agent.AgentConfig(

@@ -348,6 +348,7 @@ class IncomingMigrations:
         vm.incoming_migration = ""
         self.agent.vms.replace(vm)
         m.phase = Phase.RUNNING
+        m.vm = None     # the registry has it now; the record stays small for its 600 s
         log.info("migration %s committed: %s runs here", m.id, m.vm_name)
 
     def abort(self, migration_id: str, reason: str) -> None:

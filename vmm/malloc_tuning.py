@@ -13,22 +13,32 @@ import ctypes
 import threading
 import time
 
-M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -2, -3, -8
 MMAP_THRESHOLD = 32 << 20     # glibc's maximum on 64-bit
 TRIM_THRESHOLD = 1 << 30
 TOP_PAD = 64 << 20
 
 
-def tune_malloc() -> bool:
-    """Raise the mmap and trim thresholds; False if this libc has no mallopt."""
+def tune_malloc(arenas: int = 0) -> bool:
+    """Raise the mmap and trim thresholds; False if this libc has no mallopt.
+
+    `arenas` > 0 caps glibc's malloc arenas (call it before threads start).
+    Each thread arena is a 64 MiB heap whose free top malloc_trim() never
+    returns; with the trim threshold this high, a long-lived process with
+    many threads keeps up to 64 MiB per arena resident (measured in the
+    agent: 16 arenas, 16 MiB in use, 240 MiB resident). In one arena,
+    malloc_trim() gives back everything free.
+    """
     try:
         libc = ctypes.CDLL(None)
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return False
-    return all(mallopt(param, value) == 1 for param, value in (
-        (M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, TRIM_THRESHOLD),
-        (M_TOP_PAD, TOP_PAD)))
+    settings = [(M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, TRIM_THRESHOLD),
+                (M_TOP_PAD, TOP_PAD)]
+    if arenas > 0:
+        settings.append((M_ARENA_MAX, arenas))
+    return all(mallopt(param, value) == 1 for param, value in settings)
 
 
 def release_free_heap() -> bool:
