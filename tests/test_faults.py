@@ -949,12 +949,19 @@ def test_corrupt_chunk_in_flight(plain, phase):
         assert len(flips) == 1, f"the proxy flipped {flips}"
         res.add(f"flipped {flips[0]}")
         assert send.rc != 0 and "checksum mismatch" in send.err, send.err
-    # a hot guest, so the last pages are never empty
+    # Raw pages, so every chunk carries page data to flip (a few dirty pages
+    # of the test guest's pattern compress to chunks too small for the proxy
+    # to pick). A hot guest and, at stop-and-copy, a generous downtime budget,
+    # so the switchover comes right after the first round, with the pages
+    # dirtied meanwhile still to send: a 20 ms budget can leave none.
     guest = ("--memory", "64M", "--working-set", "8M", "--dirty-rate", "32M",
              "--heartbeat-ms", "200")
+    send_args = ("--compress", "off")
+    if phase == "stop-and-copy":
+        send_args += ("--downtime-ms", "500")
     run_cell(plain, "corrupt chunk in flight", phase,
              _corrupt("pages" if phase == "pre-copy" else "switchover"),
-             expect_host=SRC, guest=guest, check=check)
+             expect_host=SRC, guest=guest, check=check, send_args=send_args)
 
 
 OUTSIDE = 1 << 40      # far above any test guest's memory

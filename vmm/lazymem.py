@@ -101,6 +101,7 @@ class LazyMemory:
         self._fault_addr = ctypes.addressof(ctypes.c_char.from_buffer(self._fault_buf))
         self.started = time.monotonic()
         self._stop = threading.Event()
+        self._prefetched = threading.Event()
         self._handler = threading.Thread(target=self._serve_faults, name="uffd", daemon=True)
         self._prefetcher = threading.Thread(target=self._prefetch, name="prefetch", daemon=True)
 
@@ -166,31 +167,37 @@ class LazyMemory:
         return placed
 
     def _serve_faults(self) -> None:
-        while not self._stop.is_set():
-            r, _, _ = select.select([self.uffd], [], [], 0.2)
-            if not r:
-                continue
-            try:
-                msg = os.read(self.uffd, 32)
-            except (BlockingIOError, OSError):
-                continue
-            if len(msg) < 32 or msg[0] != UFFD_EVENT_PAGEFAULT:
-                continue
-            addr = struct.unpack_from("<Q", msg, 16)[0]
-            mem_off = (addr - self.base) & ~(CLUSTER - 1)
-            length = min(CLUSTER, self.size - mem_off)
-            with self._lock:
-                self.faults += 1
+        """The one thread that uses the userfaultfd: serves faults until the
+        background copy is done, then unregisters and closes it itself, so no
+        fault is ever served through a closed or reused descriptor."""
+        try:
+            while not self._stop.is_set():
+                if self._prefetched.is_set():
+                    self._finish()
+                    return
+                r, _, _ = select.select([self.uffd], [], [], 0.05)
+                if not r:
+                    continue
                 try:
+                    msg = os.read(self.uffd, 32)
+                except BlockingIOError:
+                    continue
+                if len(msg) < 32 or msg[0] != UFFD_EVENT_PAGEFAULT:
+                    continue
+                addr = struct.unpack_from("<Q", msg, 16)[0]
+                mem_off = (addr - self.base) & ~(CLUSTER - 1)
+                length = min(CLUSTER, self.size - mem_off)
+                with self._lock:
+                    self.faults += 1
                     # Holes read back as zeros, and the index holds the zero page's hash.
                     if not self._read_checked(mem_off, length, self._fault_buf):
                         self._fail()
                         return
                     self._copy(mem_off, length, self._fault_addr)
-                except LazyError as e:
-                    self.damaged = str(e)
-                    self._fail()
-                    return
+        except (LazyError, OSError) as e:
+            # Nothing serves the guest's faults any more: stop it, loudly.
+            self.damaged = self.damaged or f"lazy restore failed: {e}"
+            self._fail()
 
     def _prefetch(self) -> None:
         try:
@@ -205,18 +212,19 @@ class LazyMemory:
                         self._copy(pos, n, self._buf_addr)
                         self.copied += n
                     pos += n
-        except LazyError as e:
-            self.damaged = str(e)
+        except (LazyError, OSError) as e:
+            self.damaged = self.damaged or f"lazy restore failed: {e}"
             self._fail()
             return
-        if self._stop.is_set():
-            return
-        # Every page that holds data is in; the rest are zero and may fault in
-        # the ordinary way.
+        if not self._stop.is_set():
+            self._prefetched.set()      # the fault thread finishes up
+
+    def _finish(self) -> None:
+        """Every page that holds data is in; the rest are zero and may fault in
+        the ordinary way (unregistering wakes any fault still waiting)."""
         rng = (ctypes.c_uint64 * 2)(self.base, self.size)
         _libc.ioctl(self.uffd, UFFDIO_UNREGISTER, ctypes.addressof(rng))
         self._stop.set()
-        self._handler.join(1)
         self._close_fds()
         log.info("lazy restore complete: %d MiB in %.2f s, %d faults served",
                  self.copied >> 20, time.monotonic() - self.started, self.faults)

@@ -177,7 +177,10 @@ class VmmService(vmm_pb2_grpc.VmmServicer):
         try:
             self.m.restore(request.state)
         except (MachineError, ValueError) as e:
-            self._fail(context, e)
+            damage = getattr(self.lazy, "damaged", "")
+            # A lazy restore that found damage before the state came stopped
+            # the machine: that, not "crashed", is what the user must hear.
+            self._fail(context, MachineError(f"lazy restore: {damage}") if damage else e)
         if request.console_history:
             self.m.console.seed(request.console_history)
         self.migration_id = request.migration_id
