@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING
 
 import grpc
 import numpy as np
-import xxhash
 
 from vmigrate.migrate import pages, precopy, progress, snapfile, store, translate, versions
 from vmigrate.migrate.errors import AgentError
@@ -333,30 +332,25 @@ def copy_image(snap: snapfile.Snapshot, memory: MappedMemory) -> pages.Counts:
     hashes = np.frombuffer(snap.page_index, dtype=np.uint64)
     counts = pages.Counts()
     fd = os.open(snap.path, os.O_RDONLY | os.O_CLOEXEC)
-    view = memoryview(memory.map)
     try:
-        for off, n in data_ranges(fd, image_off + length):
-            start, end = max(off, image_off), off + n
-            pos = start
+        for off, n in data_ranges(fd, image_off + length, start=image_off):
+            pos, end = off, off + n
             while pos < end:
                 size = min(4 << 20, end - pos)
                 mem = pos - image_off
-                block = view[mem:mem + size]
-                got = os.preadv(fd, [block], pos)
+                with memoryview(memory.map) as view:
+                    got = os.preadv(fd, [view[mem:mem + size]], pos)
                 if got != size:
                     raise snapfile.Truncated(f"{snap.path}: the memory image is short")
-                first = mem // pages.PAGE
-                digest = xxhash.xxh3_64_intdigest
-                for i, want in enumerate(hashes[first:first + size // pages.PAGE].tolist()):
-                    if digest(block[i * pages.PAGE:(i + 1) * pages.PAGE]) != want:
-                        raise snapfile.Corrupt(
-                            f"{snap.path}: page at {(first + i) * pages.PAGE:#x} of its memory "
-                            "image does not match its page index")
-                block.release()
-                counts.pages_raw += size // pages.PAGE
+                first, npages = mem // pages.PAGE, size // pages.PAGE
+                bad = pages.first_mismatch(memory.map, first, hashes[first:first + npages])
+                if bad is not None:
+                    raise snapfile.Corrupt(
+                        f"{snap.path}: page at {(first + bad) * pages.PAGE:#x} of its memory "
+                        "image does not match its page index")
+                counts.pages_raw += npages
                 pos += size
     finally:
-        view.release()
         os.close(fd)
     return counts
 

@@ -41,8 +41,7 @@ def _image_pages(path: Path, image: tuple[int, int]) -> int:
     fd = os.open(path, os.O_RDONLY)
     try:
         off, length = image
-        return sum(min(o + n, off + length) - max(o, off)
-                   for o, n in data_ranges(fd, off + length) if o + n > off) // PAGE
+        return sum(n for _, n in data_ranges(fd, off + length, start=off)) // PAGE
     finally:
         os.close(fd)
 

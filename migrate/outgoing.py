@@ -148,15 +148,16 @@ class NetworkSink:
             try:
                 for chunks in self.encoders[i].batches(bitmap, local, skip_zero=skip_zero):
                     frame = pagestream.encode(self.id, round_, chunks)
+                    frame_pages = sum(c.pages for c in chunks)
                     self.limit.take(len(frame))
                     sent[0] += len(frame)
                     with self._lock:
                         self.chunks_sent += len(chunks)
-                        self.pages_sent += sum(c.pages for c in chunks)
+                        self.pages_sent += frame_pages
                         self.counts.add(local)
                         local.__init__()
                     yield frame
-                    self.governor.observe(len(frame), sum(c.pages for c in chunks) * pages.PAGE)
+                    self.governor.observe(len(frame), frame_pages * pages.PAGE)
                     tick()
             except Exception as e:
                 stopped.append(e)

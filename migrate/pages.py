@@ -25,6 +25,7 @@ import xxhash
 import zstandard
 
 from vmigrate.proto import state_pb2 as pb
+from vmigrate.vmm.pagehash import ZERO_PAGE_HASH, first_mismatch, page_hashes  # noqa: F401
 
 PAGE = 4096
 MAX_CHUNK_PAGES = 256              # 1 MiB: the sweet spot for gRPC and zstd here
@@ -255,24 +256,6 @@ class Encoder:
             yield batch
 
 
-ZERO_PAGE_HASH = xxhash.xxh3_64_intdigest(bytes(PAGE))
-
-
-def page_hashes(memory: mmap.mmap, first_page: int, count: int,
-                nonzero: np.ndarray | None = None) -> np.ndarray:
-    """xxh3_64 of each page (zero pages are recognised without hashing)."""
-    if nonzero is None:
-        view = np.frombuffer(memory, dtype=np.uint64, count=count * 512,
-                             offset=first_page * PAGE)
-        nonzero = view.reshape(count, 512).any(axis=1)
-    out = np.full(count, ZERO_PAGE_HASH, dtype=np.uint64)
-    mv = memoryview(memory)
-    digest = xxhash.xxh3_64_intdigest
-    for i in np.flatnonzero(nonzero).tolist():
-        off = (first_page + i) * PAGE
-        out[i] = digest(mv[off:off + PAGE])
-    mv.release()
-    return out
 
 
 # ---------------------------------------------------------------- decoding

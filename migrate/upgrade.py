@@ -53,7 +53,7 @@ from vmigrate.migrate.errors import AgentError, Cancelled
 from vmigrate.migrate.progress import Stopwatch
 from vmigrate.migrate.vms import UPGRADE_PREFIX, LocalVm
 from vmigrate.proto import agent_pb2, vmm_pb2
-from vmigrate.vmm.client import CALL_TIMEOUT_S, VmmClient, VmmError, kill_vmm, pid_alive, read_pid
+from vmigrate.vmm.client import VmmClient, VmmError, kill_vmm, pid_alive, read_pid
 
 if TYPE_CHECKING:
     from vmigrate.migrate.agent import Agent
@@ -85,19 +85,6 @@ def upgrade_vm(agent: Agent, request: agent_pb2.VmRef,
 def _inode(path: str) -> tuple[int, int]:
     st = os.stat(path)
     return st.st_dev, st.st_ino
-
-
-def _pause_and_save(client: VmmClient, console_from: int) -> vmm_pb2.PauseReply:
-    """Pause, save the state and read the console since `console_from` in one
-    call. VmmClient.pause_and_save also fetches the dirty log, which needs
-    logging on; nothing is copied here, so no dirty log."""
-    try:
-        return client.stub.Pause(vmm_pb2.PauseRequest(
-            reason=PAUSE_REASON, save=True, console=True, console_from=console_from),
-            timeout=CALL_TIMEOUT_S)
-    except grpc.RpcError as e:
-        details = e.details() if hasattr(e, "details") else str(e)
-        raise VmmError(f"pause: {details}") from None
 
 
 def _state_of(client: VmmClient) -> int | None:
@@ -184,7 +171,8 @@ class InPlaceUpgrade:
         # Set first: the call may pause and then fail to save (resuming a
         # running VM is harmless, leaving a paused one paused is not).
         self.paused = not self.was_paused
-        reply = _pause_and_save(old.client, console_end)
+        # Nothing is copied, so no dirty log.
+        reply = old.client.pause_and_save(PAUSE_REASON, console_end, dirty_log=False)
         self.report.pause_ms = reply.pause_ms
         step("pause_and_save")
         history = (pre_console + reply.console)[-CONSOLE_TAIL:]

@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from vmigrate.vmm.testguest import report
@@ -170,3 +171,21 @@ class NetnsCluster(ClusterBase):
             self.run("down", check=False, timeout=120)
         finally:
             self.net.close()
+
+
+def guest_starter(cluster: ClusterBase, hosts: tuple[str, ...], memory: str, ws: str,
+                  rate: str) -> Iterator[Callable[..., str]]:
+    """The body of a `guests` fixture: yields run(name, on, memory=, ws=, rate=)
+    starting a test guest; afterwards stops them all and undrains `hosts`."""
+    names: list[str] = []
+
+    def run(name: str, on: str, memory: str = memory, ws: str = ws, rate: str = rate) -> str:
+        cluster.run("run", name, "--test-guest", "--on", on, "--memory", memory,
+                    "--working-set", ws, "--dirty-rate", rate, "--heartbeat-ms", "200")
+        names.append(name)
+        return name
+    yield run
+    for n in names:
+        cluster.run("stop", n, check=False)
+    for h in hosts:
+        cluster.run("undrain", h, check=False)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster import ClusterBase, NetnsCluster
+from tests.cluster import ClusterBase, NetnsCluster, guest_starter
 from tests.test_cli import _fails
 from vmigrate.migrate.drain import Placement
 from vmigrate.migrate.store import open_store
@@ -146,18 +146,7 @@ def cluster():
 
 @pytest.fixture
 def guests(cluster):
-    names: list[str] = []
-
-    def run(name: str, on: str, memory: str = "32M", ws: str = "8M", rate: str = "4M") -> str:
-        cluster.run("run", name, "--test-guest", "--on", on, "--memory", memory,
-                    "--working-set", ws, "--dirty-rate", rate, "--heartbeat-ms", "200")
-        names.append(name)
-        return name
-    yield run
-    for n in names:
-        cluster.run("stop", n, check=False)
-    for h in ("host1", "host2", "host3"):
-        cluster.run("undrain", h, check=False)
+    yield from guest_starter(cluster, ("host1", "host2", "host3"), "32M", "8M", "4M")
 
 
 # ---------------------------------------------------------------- placement
@@ -442,7 +431,7 @@ def test_interrupted_upgrade_is_settled_when_the_agent_restarts(short_tmp):
             from vmigrate.vmm.client import spawn_vmm
 
             new_proc, new = spawn_vmm(new_dir, old.config, memory_file=path)
-            reply = upgrade._pause_and_save(old.client, 0)
+            reply = old.client.pause_and_save(upgrade.PAUSE_REASON, 0, dirty_log=False)
             new.restore(reply.state, console_history=reply.console)
             if ran:
                 new.resume()

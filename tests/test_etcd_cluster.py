@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster import VMIGRATE, LocalCluster
+from tests.cluster import VMIGRATE, LocalCluster, guest_starter
 from tests.test_cluster_ops import check_store_against_reality, continues, guest_lines, last_n
 from vmigrate.migrate.store import open_store
 
@@ -53,18 +53,7 @@ def cluster(etcd):
 
 @pytest.fixture
 def guests(cluster):
-    names: list[str] = []
-
-    def run(name: str, on: str, memory: str = "64M", ws: str = "16M", rate: str = "4M") -> str:
-        cluster.run("run", name, "--test-guest", "--on", on, "--memory", memory,
-                    "--working-set", ws, "--dirty-rate", rate, "--heartbeat-ms", "200")
-        names.append(name)
-        return name
-    yield run
-    for n in names:
-        cluster.run("stop", n, check=False)
-    for h in ("host1", "host2", "host3"):
-        cluster.run("undrain", h, check=False)
+    yield from guest_starter(cluster, ("host1", "host2", "host3"), "64M", "16M", "4M")
 
 
 def agent_pid(cluster: LocalCluster, host: str) -> int:

@@ -80,12 +80,14 @@ class VmmClient:
     def pause(self, reason: str = "user") -> float:
         return self._call("pause", "Pause", vmm_pb2.PauseRequest(reason=reason)).pause_ms
 
-    def pause_and_save(self, reason: str, console_from: int | None = None) -> vmm_pb2.PauseReply:
-        """Pause, fetch the dirty log and save the state in one call (the
-        downtime path); with console_from, also the console output since then."""
+    def pause_and_save(self, reason: str, console_from: int | None = None,
+                       dirty_log: bool = True) -> vmm_pb2.PauseReply:
+        """Pause, fetch the dirty log (unless dirty_log is False: it must be on)
+        and save the state in one call (the downtime path); with console_from,
+        also the console output since then."""
         return self._call("pause", "Pause", vmm_pb2.PauseRequest(
-            reason=reason, fetch_dirty_log=True, save=True, console=console_from is not None,
-            console_from=console_from or 0))
+            reason=reason, fetch_dirty_log=dirty_log, save=True,
+            console=console_from is not None, console_from=console_from or 0))
 
     def resume(self) -> vmm_pb2.VmmStatus:
         return self._call("resume", "Resume", vmm_pb2.ResumeRequest())

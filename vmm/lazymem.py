@@ -26,7 +26,9 @@ import time
 from collections.abc import Callable
 
 import numpy as np
-import xxhash
+
+from vmigrate.vmm.memory import data_ranges
+from vmigrate.vmm.pagehash import first_mismatch
 
 log = logging.getLogger("vmigrate.lazymem")
 
@@ -39,7 +41,6 @@ UFFD_FEATURE_MISSING_SHMEM = 1 << 5
 UFFDIO_REGISTER_MODE_MISSING = 1
 UFFD_EVENT_PAGEFAULT = 0x12
 EEXIST = 17
-SEEK_DATA, SEEK_HOLE = 3, 4
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -88,7 +89,9 @@ class LazyMemory:
             self._close_fds()
             raise LazyError(f"cannot register guest memory with userfaultfd "
                             f"({os.strerror(err)})")
-        self.data_ranges = self._file_data_ranges()
+        # (memory offset, length) of the image parts that hold data
+        self.data_ranges = [(o - image_offset, n) for o, n in
+                            data_ranges(self.file, image_offset + size, start=image_offset)]
         self.total = sum(length for _, length in self.data_ranges)
         self.copied = 0
         self.faults = 0
@@ -109,22 +112,6 @@ class LazyMemory:
         self._handler.start()
         self._prefetcher.start()
 
-    def _file_data_ranges(self) -> list[tuple[int, int]]:
-        """(memory offset, length) of the image parts that hold data."""
-        out = []
-        pos, end = self.image_offset, self.image_offset + self.size
-        while pos < end:
-            try:
-                start = os.lseek(self.file, pos, SEEK_DATA)
-            except OSError:
-                break
-            if start >= end:
-                break
-            stop = min(os.lseek(self.file, start, SEEK_HOLE), end)
-            out.append((start - self.image_offset, stop - start))
-            pos = stop
-        return out
-
     # ---------------------------------------------------------------- copying
     def _read_checked(self, mem_off: int, length: int, buf: mmap.mmap) -> bool:
         """Read pages from the file into buf and check them; False if damaged."""
@@ -136,12 +123,11 @@ class LazyMemory:
         if n < length:
             buf[n:length] = bytes(length - n)    # beyond the file's end: zero
         first = mem_off // PAGE
-        for i in range(length // PAGE):
-            page = buf[i * PAGE:(i + 1) * PAGE]
-            if xxhash.xxh3_64_intdigest(page) != int(self.hashes[first + i]):
-                self.damaged = (f"page at offset {(first + i) * PAGE:#x} of the checkpoint's "
-                                "memory image is damaged (it does not match the page index)")
-                return False
+        bad = first_mismatch(buf, 0, self.hashes[first:first + length // PAGE])
+        if bad is not None:
+            self.damaged = (f"page at offset {(first + bad) * PAGE:#x} of the checkpoint's "
+                            "memory image is damaged (it does not match the page index)")
+            return False
         return True
 
     def _copy(self, mem_off: int, length: int, src: int) -> int:

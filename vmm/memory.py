@@ -152,22 +152,23 @@ class GuestMemory:
         os.close(self.fd)
 
 
-def data_ranges(fd: int, size: int) -> list[tuple[int, int]]:
-    """(offset, length) of the parts of a memory file that were ever written.
+def data_ranges(fd: int, size: int, start: int = 0) -> list[tuple[int, int]]:
+    """(offset, length) of the parts of a file in [start, size) that were ever
+    written (guest memory in a memfd, a checkpoint's memory image).
 
-    Pages never touched are holes in a memfd (tmpfs) and are known to be zero
-    without reading them (lseek SEEK_DATA/SEEK_HOLE).
+    Pages never touched are holes (tmpfs, most disk file systems) and are
+    known to be zero without reading them (lseek SEEK_DATA/SEEK_HOLE).
     """
     out: list[tuple[int, int]] = []
-    pos = 0
+    pos = start
     while pos < size:
         try:
-            start = os.lseek(fd, pos, SEEK_DATA)
+            data = os.lseek(fd, pos, SEEK_DATA)
         except OSError:  # ENXIO: no data after pos
             break
-        if start >= size:
+        if data >= size:
             break
-        end = min(os.lseek(fd, start, SEEK_HOLE), size)
-        out.append((start, end - start))
+        end = min(os.lseek(fd, data, SEEK_HOLE), size)
+        out.append((data, end - data))
         pos = end
     return out
